@@ -1,0 +1,25 @@
+# Two entry points, each self-bootstrapping on a fresh clone with Python 3.11:
+#   make reproduce   run every notebook on the embedded toy world -> results/
+#   make test        the whole test suite (unit tests + notebooks under nbval/papermill)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: reproduce test world clean-world
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+reproduce: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m mckit reproduce --mode full --out results
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+# Rebuild the toy world's trained checkpoints under data/world (about 10 min on 2 cores).
+world: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m mckit build-world --out data/world --overwrite
