@@ -18,7 +18,10 @@ import pytest
 import torch
 from peft.utils import merge_utils as pm
 
+from _merge_helpers import one_thread  # noqa: F401  (fixture)
 from mckit import merging as M
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _experts(n=3, shape=(24, 40), seed=0, scale=0.1):
@@ -177,15 +180,15 @@ def test_dare_ta_seeded_and_composes_with_task_arithmetic():
     a = M.dare_ta(base, thetas, drop=0.3, seed=11)
     assert torch.equal(a, M.dare_ta(base, thetas, drop=0.3, seed=11))
     assert not torch.equal(a, M.dare_ta(base, thetas, drop=0.3, seed=12))
-    g = torch.Generator().manual_seed(11)
-    dropped = [M.dare_drop(t, 0.3, g) for t in M.task_vectors(base, thetas)]
+    dropped = [M.dare_drop(t, 0.3, torch.Generator().manual_seed(11 + i))
+               for i, t in enumerate(M.task_vectors(base, thetas))]
     _close(a, base + pm.task_arithmetic(dropped, torch.ones(3)))
 
 
 def test_dare_ties_composes_with_peft_sign_and_disjoint_merge():
     base, thetas = _experts(seed=9)
-    g = torch.Generator().manual_seed(3)
-    dropped = torch.stack([M.dare_drop(t, 0.4, g) for t in M.task_vectors(base, thetas)])
+    dropped = torch.stack([M.dare_drop(t, 0.4, torch.Generator().manual_seed(3 + i))
+                           for i, t in enumerate(M.task_vectors(base, thetas))])
     mask = pm.calculate_majority_sign_mask(dropped, method="total")
     expected = base + pm.disjoint_merge(dropped, mask)
     _close(M.dare_ties(base, thetas, drop=0.4, seed=3), expected)
