@@ -1,0 +1,161 @@
+"""Build the toy world end to end: encoders, tokenizer, base LM, and every single-modality MLLM.
+
+``python -m mckit build-world --out data/world`` writes::
+
+    world.json            seed, entities, build settings, wall times, held-out accuracies
+    tokenizer/            word-level tokenizer
+    base/                 the text-pretrained base LM (plain transformers checkpoint)
+    models/{m}-stage1/    projector-only MLLM (frozen base LLM)
+    models/{m}-lora/      stage 2 with LoRA on the seven linears
+    models/{m}-full/      stage 2 with full fine-tuning of the seven linears
+
+Everything is seeded. The shipped ``data/world`` was built by this command;
+notebooks load it instead of retraining (see :mod:`mckit.zoo`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import atomic_dir, save_mllm
+from .encoders import pretrain_encoder, probe_accuracy
+from .evaluate import predict, score
+from .mllm import MLLM, Branch
+from .render import render_bank
+from .tasks import MODALITY_TASKS, Slots, corpus_words
+from .tokenizer import train_tokenizer
+from .train import FeatureBank, add_lora, make_llm, pretrain_text, train_stage1, train_stage2
+from .world import MODALITIES, World, make_world
+
+#: Render seeds: training banks, held-out test banks (evaluation), validation banks.
+TRAIN_RENDER_SEED, TEST_RENDER_SEED, VAL_RENDER_SEED = 1, 2, 3
+CHANCE = {"identify": 1 / 32, "attribute": 1 / 4, "describe": 1 / 4, "level": 1 / 2, "common": 1 / 4}
+
+
+@dataclass
+class BuildConfig:
+    """Steps and sizes of every stage (``full``: the shipped world; ``smoke``: a fast pipeline check)."""
+
+    seed: int = 0
+    n_entities: int = 32
+    modalities: tuple[str, ...] = MODALITIES
+    encoder_steps: int = 500
+    bank_per_entity: int = 64
+    text_steps: int = 1000
+    text_batch: int = 64
+    stage1_steps: int = 200
+    stage2_steps: int = 400
+    mllm_batch: int = 32
+    lora_lr: float = 3e-3
+    full_lr: float = 1e-3
+    lora_rank: int = 32
+    eval_items: int = 400
+    hidden: int = 128
+    layers: int = 4
+
+    @classmethod
+    def preset(cls, name: str) -> "BuildConfig":
+        if name == "full":
+            return cls()
+        if name == "smoke":
+            return cls(encoder_steps=40, bank_per_entity=8, text_steps=60, stage1_steps=20, stage2_steps=30,
+                       eval_items=40, modalities=("image", "audio"))
+        raise ValueError(f"unknown build preset {name!r}; expected 'full' or 'smoke'")
+
+
+def single_task_examples(world: World, modality: str, n: int, seed: int) -> list:
+    """``n`` held-out single-modality items, an equal share per task (identify, attribute, ...)."""
+    rng = np.random.default_rng([seed, MODALITIES.index(modality), 51])
+    tasks = list(MODALITY_TASKS)
+    return [MODALITY_TASKS[tasks[i % len(tasks)]](world, rng, Slots(modality, rng)) for i in range(n)]
+
+
+def evaluate_single(model: MLLM, world: World, modality: str, bank: FeatureBank, n: int, seed: int) -> dict:
+    examples = single_task_examples(world, modality, n, seed)
+    result = score(examples, predict(model, examples, {modality: bank}, seed=seed, desc=f"eval {modality}"))
+    for task, r in result.items():
+        r["chance"] = CHANCE[task]
+    return result
+
+
+def build_world(out: str | Path, config: BuildConfig | None = None, overwrite: bool = False) -> dict:
+    """Train everything and write it to ``out`` atomically. Returns the ``world.json`` record."""
+    cfg = config or BuildConfig()
+    torch.manual_seed(cfg.seed)
+    world = make_world(cfg.seed, cfg.n_entities)
+    record: dict = {"seed": cfg.seed, "config": asdict(cfg), "entities": [
+        {"name": e.name, **e.attrs} for e in world.entities], "seconds": {}, "encoders": {}, "models": {}}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        record["seconds"][name] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
+
+    with atomic_dir(Path(out), overwrite) as tmp:
+        tokenizer = train_tokenizer(corpus_words(world))
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        base = MLLM(make_llm(tokenizer, hidden=cfg.hidden, layers=cfg.layers, seed=cfg.seed), tokenizer, {})
+        record["text_loss"] = float(np.mean(pretrain_text(base, world, cfg.text_steps, cfg.text_batch, seed=cfg.seed)[-20:]))
+        base.llm.save_pretrained(str(tmp / "base"))
+        lap("text_pretraining")
+
+        for mod in tqdm(cfg.modalities, desc="modalities"):
+            branch = Branch(mod, cfg.hidden)
+            train = render_bank(mod, world, cfg.bank_per_entity, TRAIN_RENDER_SEED)
+            test = render_bank(mod, world, max(4, cfg.bank_per_entity // 4), TEST_RENDER_SEED)
+            _, heads = pretrain_encoder(branch.encoder, *(torch.from_numpy(train[k]) for k in ("x", "entity", "level")),
+                                        n_entities=cfg.n_entities, steps=cfg.encoder_steps, seed=cfg.seed,
+                                        desc=f"{mod} encoder")
+            record["encoders"][mod] = probe_accuracy(branch.encoder, heads,
+                                                     *(torch.from_numpy(test[k]) for k in ("x", "entity", "level")))
+            train_bank, test_bank = FeatureBank(branch, train), FeatureBank(branch, test)
+            lap(f"{mod}_encoder")
+
+            stage1 = MLLM(copy.deepcopy(base.llm), tokenizer, {mod: branch})
+            train_stage1(stage1, mod, world, train_bank, cfg.stage1_steps, cfg.mllm_batch, seed=cfg.seed)
+            save_mllm(stage1, tmp / "models" / f"{mod}-stage1", base_path=tmp / "base")
+            record["models"][f"{mod}-stage1"] = evaluate_single(stage1, world, mod, test_bank, cfg.eval_items, cfg.seed)
+            lap(f"{mod}_stage1")
+
+            for mode in ("lora", "full"):
+                model = MLLM(copy.deepcopy(base.llm), tokenizer, {mod: copy.deepcopy(branch)})
+                if mode == "lora":
+                    add_lora(model, rank=cfg.lora_rank)
+                model.branches[mod].projector.load_state_dict(stage1.branches[mod].projector.state_dict())
+                lr = cfg.lora_lr if mode == "lora" else cfg.full_lr
+                train_stage2(model, mod, world, train_bank, mode, cfg.stage2_steps, cfg.mllm_batch, lr, seed=cfg.seed)
+                save_mllm(model, tmp / "models" / f"{mod}-{mode}", base_path=tmp / "base" if mode == "lora" else None)
+                record["models"][f"{mod}-{mode}"] = evaluate_single(model, world, mod, test_bank, cfg.eval_items,
+                                                                    cfg.seed)
+                lap(f"{mod}_{mode}")
+        record["seconds"]["total"] = round(sum(record["seconds"].values()), 1)
+        (tmp / "world.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("build-world", help="train the toy world's encoders, base LM and MLLMs")
+    p.add_argument("--out", default="data/world", help="output directory (default: data/world)")
+    p.add_argument("--preset", default="full", choices=["full", "smoke"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    cfg = BuildConfig.preset(args.preset)
+    cfg.seed = args.seed
+    record = build_world(args.out, cfg, overwrite=args.overwrite)
+    print(json.dumps({"seconds": record["seconds"], "encoders": record["encoders"]}, indent=1))
+    for name, tasks in record["models"].items():
+        print(name, {t: round(r["acc"], 3) for t, r in tasks.items()})
+    return 0
