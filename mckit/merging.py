@@ -306,15 +306,16 @@ def dare_drop(tau: Tensor, drop: float, generator: torch.Generator) -> Tensor:
 
 
 def _dare_taus(theta_0: Tensor, thetas: Sequence[Tensor], drop: float, seed: int) -> list[Tensor]:
-    generator = torch.Generator().manual_seed(int(seed))
-    return [dare_drop(tau, drop, generator) for tau in task_vectors(theta_0, thetas)]
+    """DARE(tau_i) for each expert; expert i draws its mask from ``manual_seed(seed + i)``."""
+    return [dare_drop(tau, drop, torch.Generator().manual_seed(int(seed) + i))
+            for i, tau in enumerate(task_vectors(theta_0, thetas))]
 
 
 def dare_ta(theta_0: Tensor, thetas: Sequence[Tensor], *, drop: float = 0.2, lam: float = 1.0,
             seed: int = 0) -> Tensor:
     """DARE + task arithmetic: theta_0 + lam * sum_i DARE(tau_i).
 
-    The masks are drawn from ``torch.Generator().manual_seed(seed)``, expert 0 first.
+    Expert i draws its mask from ``torch.Generator().manual_seed(seed + i)``.
     """
     _check_inputs(theta_0, thetas)
     total = torch.zeros_like(theta_0, dtype=torch.float32)
