@@ -1,0 +1,104 @@
+"""Figures (seaborn/matplotlib): the world's samples, anatomy, task-vector norms."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+
+from .encoders import AudioEncoder
+from .render import render
+from .world import MODALITIES, World
+
+sns.set_theme(style="white", context="notebook")
+
+
+def draw_input(ax, modality: str, x: np.ndarray, title: str = "") -> None:
+    """Draw one raw input on ``ax``: image, log spectrogram, frame strip, or 3-D point scatter."""
+    if modality == "image":
+        ax.imshow(np.transpose(x, (1, 2, 0)), interpolation="nearest")
+    elif modality == "audio":
+        spec = AudioEncoder.spectrogram(torch.from_numpy(x)[None])[0, 0].numpy()
+        ax.imshow(spec, origin="lower", aspect="auto", cmap="magma")
+    elif modality == "video":
+        ax.imshow(np.concatenate(list(x), axis=1), cmap="gray", interpolation="nearest", vmin=0, vmax=1)
+    elif modality == "point":
+        ax.scatter(x[:, 0], x[:, 1], x[:, 2], c=np.clip(x[:, 3:], 0, 1), s=6)
+        ax.set_zlim(-2, 2)
+    else:
+        raise ValueError(f"unknown modality {modality!r}")
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if modality == "point":
+        ax.set_zticks([])
+
+
+def plot_samples(world: World, entities: list[int], seed: int = 0, levels: tuple[str, ...] = ("high",)) -> plt.Figure:
+    """One row per modality, one column per (entity, level): what each encoder sees."""
+    cols = [(e, lv) for e in entities for lv in levels]
+    fig = plt.figure(figsize=(2.3 * len(cols), 2.2 * len(MODALITIES)))
+    rng = np.random.default_rng(seed)
+    for r, mod in enumerate(MODALITIES):
+        for c, (e, lv) in enumerate(cols):
+            ent = world.entities[e]
+            kw = {"projection": "3d"} if mod == "point" else {}
+            ax = fig.add_subplot(len(MODALITIES), len(cols), r * len(cols) + c + 1, **kw)
+            draw_input(ax, mod, render(mod, world, ent, lv, rng), f"{mod}: {ent.name} ({lv})")
+    fig.tight_layout()
+    return fig
+
+
+def plot_attribute_table(world: World) -> plt.Figure:
+    """Heatmap of entity x family values: every value is held by the same number of entities."""
+    df = pd.DataFrame([{"entity": e.name, **e.attrs} for e in world.entities]).set_index("entity")
+    codes = df.apply(lambda col: pd.Categorical(col).codes)
+    fig, ax = plt.subplots(figsize=(5, 0.22 * len(df) + 1))
+    sns.heatmap(codes, annot=df.values, fmt="", cbar=False, cmap="Pastel1", ax=ax, annot_kws={"fontsize": 7})
+    ax.set_title("entities and their attributes")
+    return fig
+
+
+def plot_task_vector_norms(norms: pd.DataFrame) -> plt.Figure:
+    """One heatmap per source model: layer x module Frobenius norm of its task vector.
+
+    norms: columns ``model``, ``layer``, ``module``, ``norm``.
+    """
+    models = list(dict.fromkeys(norms["model"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models), 2.8), sharey=True, squeeze=False)
+    vmax = norms["norm"].max()
+    for ax, name in zip(axes[0], models):
+        table = norms[norms["model"] == name].pivot(index="layer", columns="module", values="norm")
+        sns.heatmap(table, ax=ax, vmin=0, vmax=vmax, cmap="rocket_r", cbar=ax is axes[0][-1], annot=False)
+        ax.set_title(name, fontsize=10)
+    fig.suptitle("||tau|| per layer and linear (Frobenius)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_anatomy(table: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Horizontal bars: trainable vs frozen parameters per part (log scale)."""
+    long = table.melt(id_vars="part", value_vars=["trainable", "frozen"], var_name="state", value_name="n")
+    long = long[long["n"] > 0]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(table) + 1))
+    sns.barplot(long, y="part", x="n", hue="state", ax=ax, palette={"trainable": "tab:orange", "frozen": "tab:blue"})
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_single_accuracy(table: pd.DataFrame) -> plt.Figure:
+    """Grouped bars of held-out accuracy per task and model, chance marked; columns model, task, acc, chance."""
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    sns.barplot(table, x="task", y="acc", hue="model", ax=ax)
+    for i, (_, chance) in enumerate(table.groupby("task", sort=False)["chance"].first().items()):
+        ax.hlines(chance, i - 0.4, i + 0.4, colors="k", linestyles=":", label="chance" if i == 0 else None)
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,41 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def world():
+    from mckit.world import make_world
+
+    return make_world(0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(world):
+    from mckit.tasks import corpus_words
+    from mckit.tokenizer import train_tokenizer
+
+    return train_tokenizer(corpus_words(world))
+
+
+@pytest.fixture()
+def tiny_mllm(tokenizer):
+    """A random tiny MLLM with all four branches (hidden 32, 2 layers)."""
+    from mckit.mllm import MLLM, Branch
+    from mckit.train import make_llm
+    from mckit.world import MODALITIES
+
+    llm = make_llm(tokenizer, hidden=32, layers=2, heads=2, intermediate=64, seed=0).eval()
+    return MLLM(llm, tokenizer, {m: Branch(m, 32) for m in MODALITIES}).eval()

@@ -1,0 +1,143 @@
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mckit.checkpoint import CheckpointError, load_mllm, save_mllm
+from mckit.mllm import build_batch, split_prompt
+from mckit.render import render
+from mckit.tasks import chat
+from mckit.train import add_lora, make_llm
+from mckit.world import MODALITIES
+from mckit.zoo import task_vector
+
+
+def _inputs(world, mods, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i, m in enumerate(mods):
+        out.setdefault(m, []).append(render(m, world, world.entities[i], "high", rng))
+    return out
+
+
+def test_split_prompt():
+    assert split_prompt("a <image> b <audio>c") == ["a", ("image",), "b", ("audio",), "c"]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_splicing_puts_features_at_placeholders(world, tiny_mllm, n):
+    """For every order of n modalities, slot positions get the projected features and nothing else changes."""
+    model = tiny_mllm
+    for mods in itertools.permutations(MODALITIES, n):
+        prompt = chat(" ".join(f"{m} : <{m}> ." for m in mods) + " what is this ?")
+        batch = model.batch([prompt, chat("what is this ?")], [_inputs(world, mods), {}])
+        embeds = model.embed(batch)
+        plain = model.llm.get_input_embeddings()(batch.input_ids)
+        touched = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
+        for m in mods:
+            rows, cols = batch.slots[m]
+            expect = model.branches[m].project(batch.feats[m]).reshape(-1, embeds.shape[-1])
+            torch.testing.assert_close(embeds[rows, cols], expect)
+            touched[rows, cols] = True
+        assert touched.sum() == sum(model.branches[m].n_tokens for m in mods)
+        torch.testing.assert_close(embeds[~touched], plain[~touched])
+        # slots appear in prompt order, each right after "<modality> :"
+        starts = sorted((batch.slots[m][1][0].item(), m) for m in mods)
+        assert [m for _, m in starts] == list(mods)
+        for col, m in starts:
+            word = model.tokenizer.convert_ids_to_tokens(int(batch.input_ids[0, col - 1]))
+            assert word == ":" and model.tokenizer.convert_ids_to_tokens(int(batch.input_ids[0, col - 2])) == m
+
+
+def test_repeated_modality_keeps_order(world, tiny_mllm):
+    rng = np.random.default_rng(0)
+    xs = [render("image", world, world.entities[i], "high", rng) for i in range(3)]
+    batch = tiny_mllm.batch([chat("image : <image> image : <image> image : <image> ?")], [{"image": xs}])
+    feats = tiny_mllm.branches["image"].encode(torch.from_numpy(np.stack(xs)))
+    torch.testing.assert_close(batch.feats["image"], feats)
+    cols = batch.slots["image"][1].reshape(3, -1)
+    assert (cols[1:, 0] > cols[:-1, 0]).all()
+
+
+def test_left_padding_and_labels(world, tiny_mllm):
+    batch = tiny_mllm.batch([chat("what is this ?"), chat("image : <image> what is this ?")],
+                            [{}, _inputs(world, ["image"])], answers=["this is a bedu", "yes"])
+    assert batch.attention_mask[0, 0] == 0 and batch.attention_mask[:, -1].all()
+    answer = batch.labels[1][batch.labels[1] != -100].tolist()
+    assert answer == tiny_mllm.tokenizer("yes", add_special_tokens=False)["input_ids"] + [tiny_mllm.tokenizer.eos_token_id]
+    assert (batch.position_ids[0][batch.attention_mask[0] == 1] == torch.arange(int(batch.attention_mask[0].sum()))).all()
+
+
+def test_bad_inputs_are_named(world, tiny_mllm):
+    x = _inputs(world, ["image"])
+    with pytest.raises(ValueError, match="unknown modality 'smell'"):
+        tiny_mllm.batch([chat("smell : <smell> ?")], [{}])
+    with pytest.raises(ValueError, match="1 <image> placeholder.*but 0 image input"):
+        tiny_mllm.batch([chat("image : <image> ?")], [{"image": []}], encoded=True)
+    with pytest.raises(ValueError, match="0 <image> placeholder.*but 1 image input"):
+        tiny_mllm.batch([chat("what is this ?")], [x])
+    with pytest.raises(ValueError, match="unknown modality 'smell'"):
+        tiny_mllm.encode_inputs([{"smell": [np.zeros(3)]}])
+
+
+def _same_outputs(a, b, world):
+    prompt = chat("image : <image> audio : <audio> what is this ?")
+    inputs = [_inputs(world, ["image", "audio"])]
+    la, lb = a(a.batch([prompt], inputs)).logits, b(b.batch([prompt], inputs)).logits
+    torch.testing.assert_close(la, lb, rtol=0, atol=1e-6)  # weights are exact; kernels may differ
+
+
+def test_save_load_round_trip_full(world, tiny_mllm, tmp_path):
+    save_mllm(tiny_mllm, tmp_path / "m")
+    loaded = load_mllm(tmp_path / "m")
+    for (ka, va), (kb, vb) in zip(tiny_mllm.state_dict().items(), loaded.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    _same_outputs(tiny_mllm, loaded, world)
+    with pytest.raises(FileExistsError):
+        save_mllm(tiny_mllm, tmp_path / "m")
+
+
+def test_save_load_round_trip_lora(world, tiny_mllm, tmp_path):
+    tiny_mllm.llm.save_pretrained(tmp_path / "base")
+    base = make_llm(tiny_mllm.tokenizer, hidden=32, layers=2, heads=2, intermediate=64, seed=0)
+    add_lora(tiny_mllm, rank=4)
+    with torch.no_grad():  # make the LoRA update non-zero
+        for n, p in tiny_mllm.llm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    save_mllm(tiny_mllm, tmp_path / "m", base_path=tmp_path / "base")
+    loaded = load_mllm(tmp_path / "m")
+    _same_outputs(tiny_mllm.eval(), loaded, world)
+    tau = task_vector(loaded, base)
+    assert len(tau) == 2 * 7
+    name = "model.layers.0.self_attn.q_proj.weight"
+    layer = tiny_mllm.llm.base_model.model.model.layers[0].self_attn.q_proj
+    expect = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * layer.scaling["default"]
+    torch.testing.assert_close(tau[name], expect)
+
+
+def test_missing_and_corrupt_checkpoints(tiny_mllm, tmp_path):
+    save_mllm(tiny_mllm, tmp_path / "m")
+    (tmp_path / "m" / "branches.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="corrupt safetensors file .*branches.safetensors"):
+        load_mllm(tmp_path / "m")
+    (tmp_path / "m" / "branches.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing safetensors file: .*branches.safetensors"):
+        load_mllm(tmp_path / "m")
+    with pytest.raises(CheckpointError, match="no mllm.json"):
+        load_mllm(tmp_path)
+
+
+def test_checkpoint_from_another_base(tokenizer, tiny_mllm, tmp_path):
+    save_mllm(tiny_mllm, tmp_path / "m")
+    state = {k: v for k, v in tiny_mllm.branches["image"].state_dict().items()}
+    bad = {f"image.{k}": v for k, v in state.items()} | {"image.projector.net.2.weight": torch.zeros(48, 32)}
+    other = {f"{m}.{k}": v for m in ("audio", "video", "point") for k, v in tiny_mllm.branches[m].state_dict().items()}
+    save_file(bad | other, str(tmp_path / "m" / "branches.safetensors"))
+    with pytest.raises(CheckpointError, match=r"'image.projector.net.2.weight' has shape \(48, 32\)"):
+        load_mllm(tmp_path / "m")
+    other_base = make_llm(tokenizer, hidden=48, layers=2, heads=2, intermediate=64)
+    with pytest.raises(CheckpointError, match="built on another base"):
+        task_vector(tiny_mllm, other_base)
