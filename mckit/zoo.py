@@ -195,3 +195,53 @@ def task_vector_norms(variant: str = "full", path: str | Path | None = None,
         df.insert(0, "model", f"{mod}-{variant}")
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
+
+
+def resolve_mode(mode: str) -> str:
+    """Notebook ``MODE``: "auto" means "full" on a GPU and "smoke" (toy scale) on a CPU."""
+    if mode not in ("auto", "smoke", "full"):
+        raise ValueError(f"MODE must be 'auto', 'smoke' or 'full', got {mode!r}")
+    if mode == "auto":
+        return "full" if torch.cuda.is_available() else "smoke"
+    return mode
+
+
+def example_prompts(world: World, seed: int = 0) -> pd.DataFrame:
+    """One generated item per task and modality (and text): what the models are trained on."""
+    import numpy as np
+
+    from .tasks import MODALITY_TASKS, TEXT_TASKS, Slots
+    from .world import MODALITIES
+
+    rng = np.random.default_rng(seed)
+    rows = [{"modality": "text", "task": t, **_item(f(world, rng, Slots(None, rng)))} for t, f in TEXT_TASKS.items()]
+    for mod in MODALITIES:
+        rows += [{"modality": mod, "task": t, **_item(f(world, rng, Slots(mod, rng)))}
+                 for t, f in MODALITY_TASKS.items()]
+    return pd.DataFrame(rows)
+
+
+def _item(ex) -> dict:
+    return {"prompt": ex.prompt, "answer": ex.answer}
+
+
+def attribute_counts(world: World) -> pd.DataFrame:
+    """How many entities hold each value, per family (rows: value rank, columns: family)."""
+    df = pd.DataFrame([e.attrs for e in world.entities])
+    return pd.DataFrame({f: df[f].value_counts().sort_index().to_numpy() for f in df.columns})
+
+
+def task_vector_summary(*norms: pd.DataFrame) -> pd.DataFrame:
+    """Total ||tau|| (root of summed squares over linears) per model, from :func:`task_vector_norms` tables."""
+    df = pd.concat(norms, ignore_index=True)
+    return (df.assign(sq=df["norm"] ** 2).groupby("model", sort=False)["sq"].sum() ** 0.5).rename(
+        "total_norm").reset_index()
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Binder's limit is about 2 GB)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 / (1024 if sys.platform == "darwin" else 1)

@@ -1,0 +1,48 @@
+"""The build pipeline end to end at a micro scale: it trains, writes atomically, and loads back."""
+
+import json
+
+import pytest
+import torch
+
+from mckit import zoo
+from mckit.build import BuildConfig, build_world
+
+
+def micro() -> BuildConfig:
+    return BuildConfig(encoder_steps=3, bank_per_entity=4, text_steps=4, text_batch=8, stage1_steps=2,
+                       stage2_steps=3, mllm_batch=8, eval_items=5, modalities=("point",), hidden=32, layers=1,
+                       lora_rank=4)
+
+
+def test_build_world_micro(tmp_path):
+    out = tmp_path / "world"
+    record = build_world(out, micro())
+    assert json.loads((out / "world.json").read_text())["seconds"] == record["seconds"]
+    assert set(record["models"]) == {"point-stage1", "point-lora", "point-full"}
+    for variant in zoo.VARIANTS:
+        model = zoo.load_model("point", variant, out)
+        assert model.modalities == ["point"]
+    base = zoo.load_base(out)
+    tau = zoo.task_vector(zoo.load_model("point", "full", out), base)
+    assert tau and all(torch.isfinite(t).all() for t in tau.values())
+    assert not list(tmp_path.glob(".world.*")), "temporary build directory left behind"
+    with pytest.raises(FileExistsError):
+        build_world(out, micro())
+
+
+def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
+    import mckit.build as build
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(build, "train_stage1", boom)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        build_world(tmp_path / "world", micro())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown build preset 'huge'"):
+        BuildConfig.preset("huge")
