@@ -200,7 +200,7 @@ def tensor_seed(seed: int, name: str) -> int:
 
 def _sum(tensors: list[Tensor]) -> Tensor:
     """sum_i tensors_i in float32: one new buffer, then in-place accumulation (inputs untouched)."""
-    total = tensors[0].float() + tensors[1].float() if len(tensors) > 1 else tensors[0].float().clone()
+    total = torch.add(tensors[0].float(), tensors[1]) if len(tensors) > 1 else tensors[0].float().clone()
     for t in tensors[2:]:
         total.add_(t)
     return total
@@ -238,12 +238,17 @@ def _check_finite(name: str, result: Tensor, checkpoints: list[Checkpoint]) -> N
     For average and task arithmetic a NaN/Inf in any input always reaches the
     result, so checking the result alone replaces n + 1 input checks.
     """
-    if bool(torch.isfinite(result).all()):
+    if M.all_finite(result):
         return
-    for ck in checkpoints:
-        if not bool(torch.isfinite(ck.get(name)).all()):
-            raise MergeError(f"tensor {name} in {ck.file_of(name)} contains NaN or Inf")
+    _name_non_finite_input(name, checkpoints)
     raise MergeError(f"merging tensor {name} produced NaN or Inf (inputs are finite)")
+
+
+def _name_non_finite_input(name: str, checkpoints: list[Checkpoint]) -> None:
+    """Raise ``MergeError`` naming the first input file whose tensor ``name`` holds a NaN/Inf."""
+    for ck in checkpoints:
+        if not M.all_finite(ck.get(name)):
+            raise MergeError(f"tensor {name} in {ck.file_of(name)} contains NaN or Inf")
 
 
 # ------------------------------------------------------------- validation
@@ -364,15 +369,15 @@ def _write_merge(method, base, experts, merged, tmp, options, seed, thresholds, 
                 theta_0 = base.get(name)
                 if name in merged:
                     thetas = [e.get(name) for e in experts]
-                    if method not in ("average", "task_arithmetic"):
-                        for t, ck in zip([theta_0, *thetas], [base, *experts]):
-                            if not bool(torch.isfinite(t).all()):
-                                raise MergeError(f"tensor {name} in {ck.file_of(name)} contains NaN or Inf")
-                    result = merge_tensor(method, name, theta_0, thetas, options, seed, thresholds)
+                    try:      # the merging functions reject NaN/Inf inputs; name the file here
+                        result = merge_tensor(method, name, theta_0, thetas, options, seed, thresholds)
+                    except ValueError:
+                        _name_non_finite_input(name, [base, *experts])
+                        raise
                     _check_finite(name, result, [base, *experts])
                     writer.write(name, result.to(theta_0.dtype))
                 else:
-                    if theta_0.is_floating_point() and not bool(torch.isfinite(theta_0).all()):
+                    if not M.all_finite(theta_0):
                         raise MergeError(f"tensor {name} in {base.file_of(name)} contains NaN or Inf")
                     writer.write(name, theta_0)
                 weight_map[name] = file_name

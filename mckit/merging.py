@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -48,7 +49,7 @@ __all__ = [
     "METHODS", "get_method", "task_vectors", "lora_delta",
     "average", "task_arithmetic", "ties", "dare_ta", "dare_ties", "tsv", "iso_c",
     "wudi", "optmerge", "optmerge_lora",
-    "magnitude_threshold", "trim", "elect_sign", "disjoint_mean", "dare_drop",
+    "magnitude_threshold", "trim", "all_finite", "check_finite", "elect_sign", "disjoint_mean", "dare_drop",
     "global_magnitude_thresholds", "streamed_magnitude_threshold",
     "wudi_loss", "optmerge_targets", "optmerge_loss", "low_rank",
 ]
@@ -70,9 +71,21 @@ def check_fraction(name: str, value: float, *, closed_low: bool = False, closed_
     return value
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """True if no entry is NaN or +-Inf.
+
+    Fast path: a NaN or Inf entry always makes the sum NaN or Inf, so a finite
+    sum proves every entry finite (one reduction, no boolean temporary); only
+    a non-finite sum (a bad entry, or an overflow) needs the entry-wise test.
+    """
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
 def check_finite(tensor: Tensor, name: str) -> None:
     """Raise ``ValueError`` naming the tensor if it holds a NaN or an Inf."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise ValueError(f"tensor {name} contains NaN or Inf")
 
 
@@ -161,20 +174,35 @@ def magnitude_threshold(tau: Tensor, keep: float) -> float:
     with ``int``).  Returns ``inf`` (keep nothing) when ``k == 0``.  Uses
     ``torch.kthvalue`` (selection, O(numel)) rather than a full sort.
     """
+    return _kth_largest(tau.abs(), keep)
+
+
+def _kth_largest(magnitudes: Tensor, keep: float) -> float:
+    """k-th largest entry of a non-negative tensor, ``k = int(keep * numel)`` (inf if k == 0)."""
     keep = check_fraction("keep", keep)
-    numel = tau.numel()
+    numel = magnitudes.numel()
     k = int(keep * numel)
     if k == 0:
         return math.inf
     if k == numel:
         return 0.0
-    magnitudes = tau.abs().reshape(-1)
-    return float(torch.kthvalue(magnitudes, numel - k + 1).values)
+    return float(torch.kthvalue(magnitudes.reshape(-1), numel - k + 1).values)
 
 
 def trim(tau: Tensor, threshold: float) -> Tensor:
     """TIES step 1 (trim): ``tau * [|tau| >= threshold]`` (new tensor)."""
     return tau.masked_fill(tau.abs() < threshold, 0.0)
+
+
+def _trim_top_k_(tau: Tensor, keep: float | None, threshold: float | None) -> Tensor:
+    """In-place trim of an owned task vector, computing ``|tau|`` once.
+
+    Same result as ``trim(tau, threshold or magnitude_threshold(tau, keep))``.
+    """
+    magnitudes = tau.abs()
+    if threshold is None:
+        threshold = _kth_largest(magnitudes, keep)
+    return tau.mul_(magnitudes.ge_(threshold))             # ge_ leaves 1.0 / 0.0 in place
 
 
 def elect_sign(trimmed: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:
@@ -184,10 +212,10 @@ def elect_sign(trimmed: Sequence[Tensor], weights: Sequence[float] | None = None
     Returns a float32 tensor of +-1.
     """
     w = _weights(weights, len(trimmed))
-    total = torch.zeros_like(trimmed[0])
-    for w_i, t in zip(w, trimmed):
+    total = torch.mul(trimmed[0], w[0])
+    for w_i, t in zip(w[1:], trimmed[1:]):
         total.add_(t, alpha=w_i)
-    return torch.where(total >= 0, 1.0, -1.0)
+    return total.ge_(0).mul_(2).sub_(1)                    # 1 if sum >= 0 else -1, in place
 
 
 def disjoint_mean(trimmed: Sequence[Tensor], gamma: Tensor, weights: Sequence[float] | None = None,
@@ -202,19 +230,39 @@ def disjoint_mean(trimmed: Sequence[Tensor], gamma: Tensor, weights: Sequence[fl
     if by not in ("count", "weight"):
         raise ValueError(f"by must be 'count' or 'weight', got {by!r}")
     w = _weights(weights, len(trimmed))
-    numerator = torch.zeros_like(gamma)
+    numerator = torch.zeros_like(gamma)                    # sum_i w_i |trimmed_i| agree_i
     denominator = torch.zeros_like(gamma)
+    aligned = torch.empty_like(gamma)                      # one reused buffer, no per-expert temporaries
     for w_i, t in zip(w, trimmed):
-        agree = (t * gamma) > 0
-        numerator.add_(torch.where(agree, t, 0.0), alpha=w_i)
-        denominator.add_(agree.float(), alpha=1.0 if by == "count" else w_i)
-    denominator[denominator == 0] = 1.0
-    return numerator.div_(denominator)
+        torch.mul(t, gamma, out=aligned).clamp_(min=0)     # |t| where t agrees with gamma, else 0
+        numerator.add_(aligned, alpha=w_i)
+        denominator.add_(aligned.sign_(), alpha=1.0 if by == "count" else w_i)   # agree_i as 0/1
+    denominator.masked_fill_(denominator == 0, 1.0)
+    return numerator.mul_(gamma).div_(denominator)
 
 
-def _ties_from_taus(theta_0: Tensor, taus: Sequence[Tensor], thresholds: Sequence[float], lam: float,
+def _map_experts(fn: Callable, taus: Sequence[Tensor], *others: Sequence) -> list:
+    """``[fn(tau_i, *others_i)]``, on a thread per CPU core for large tensors.
+
+    ``torch.kthvalue`` on one flat tensor runs on a single core; the experts'
+    thresholds are independent, so they are computed side by side.
+    """
+    workers = min(len(taus), torch.get_num_threads())
+    if workers < 2 or taus[0].numel() < (1 << 20):
+        return [fn(*args) for args in zip(taus, *others)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, taus, *others))
+
+
+def _ties_from_taus(theta_0: Tensor, taus: Sequence[Tensor], keep: float,
+                    thresholds: Sequence[float | None] | None, lam: float,
                     by: str, weights: Sequence[float] | None) -> Tensor:
-    trimmed = [trim(tau, thr) for tau, thr in zip(taus, thresholds)]
+    """TIES on owned task vectors (trimmed in place)."""
+    if thresholds is None:
+        thresholds = [None] * len(taus)
+    elif len(thresholds) != len(taus):
+        raise ValueError(f"thresholds has {len(thresholds)} entries for {len(taus)} experts")
+    trimmed = _map_experts(lambda tau, thr: _trim_top_k_(tau, keep, thr), taus, thresholds)
     gamma = elect_sign(trimmed, weights)
     merged = disjoint_mean(trimmed, gamma, weights, by)
     return merged.mul_(lam).add_(theta_0.float())
@@ -237,12 +285,9 @@ def ties(theta_0: Tensor, thetas: Sequence[Tensor], *, keep: float = 0.2, lam: f
     mergekit; the paper has none.
     """
     _check_inputs(theta_0, thetas)
-    taus = task_vectors(theta_0, thetas)
     if thresholds is None:
-        thresholds = [magnitude_threshold(tau, keep) for tau in taus]
-    elif len(thresholds) != len(thetas):
-        raise ValueError(f"thresholds has {len(thresholds)} entries for {len(thetas)} experts")
-    return _ties_from_taus(theta_0, taus, thresholds, lam, by, weights)
+        check_fraction("keep", keep)
+    return _ties_from_taus(theta_0, task_vectors(theta_0, thetas), keep, thresholds, lam, by, weights)
 
 
 def streamed_magnitude_threshold(make_stream: Callable[[], Iterable[Tensor]], keep: float) -> float:
@@ -334,10 +379,9 @@ def dare_ties(theta_0: Tensor, thetas: Sequence[Tensor], *, drop: float = 0.2, k
     Same seeding as :func:`dare_ta`.
     """
     _check_inputs(theta_0, thetas)
-    taus = _dare_taus(theta_0, thetas, drop, seed)
     if thresholds is None:
-        thresholds = [magnitude_threshold(tau, keep) for tau in taus]
-    return _ties_from_taus(theta_0, taus, thresholds, lam, by, weights)
+        check_fraction("keep", keep)
+    return _ties_from_taus(theta_0, _dare_taus(theta_0, thetas, drop, seed), keep, thresholds, lam, by, weights)
 
 
 # ----------------------------------------------------------- SVD methods
