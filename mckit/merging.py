@@ -171,7 +171,9 @@ def magnitude_threshold(tau: Tensor, keep: float) -> float:
     """Magnitude of the k-th largest ``|tau|`` entry, ``k = int(keep * numel)``.
 
     Entries with ``|tau| >= threshold`` are kept (PEFT/mergekit: k truncated
-    with ``int``).  Returns ``inf`` (keep nothing) when ``k == 0``.  Uses
+    with ``int``).  Entries tied with the threshold are all kept, so more than
+    k may survive when magnitudes repeat; PEFT and mergekit keep exactly k
+    (top-k/argsort indices, arbitrary among ties).  Returns ``inf`` (keep nothing) when ``k == 0``.  Uses
     ``torch.kthvalue`` (selection, O(numel)) rather than a full sort.
     """
     return _kth_largest(tau.abs(), keep)
