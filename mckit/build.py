@@ -49,10 +49,10 @@ class BuildConfig:
     modalities: tuple[str, ...] = MODALITIES
     encoder_steps: int = 500
     bank_per_entity: int = 64
-    text_steps: int = 1000
+    text_steps: int = 800
     text_batch: int = 64
     stage1_steps: int = 200
-    stage2_steps: int = 400
+    stage2_steps: int = 300
     mllm_batch: int = 32
     lora_lr: float = 3e-3
     full_lr: float = 1e-3

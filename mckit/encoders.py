@@ -115,7 +115,7 @@ def pretrain_encoder(
     heads = nn.ModuleDict({"entity": nn.Linear(ENC_DIM, n_entities), "level": nn.Linear(n_tokens * ENC_DIM, 2)})
     opt = torch.optim.AdamW(list(encoder.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.01)
     losses = []
-    encoder.train()
+    encoder.train().requires_grad_(True)
     for _ in tqdm(range(steps), desc=desc, leave=False):
         idx = torch.randint(0, x.shape[0], (batch,), generator=gen)
         feats = encoder(x[idx])

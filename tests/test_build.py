@@ -46,3 +46,19 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown build preset 'huge'"):
         BuildConfig.preset("huge")
+
+
+def test_pretraining_updates_a_frozen_branch_encoder(world):
+    """Branches hold frozen encoders; pretraining must still train them (and freeze them again)."""
+    from mckit.encoders import pretrain_encoder
+    from mckit.mllm import Branch
+    from mckit.render import render_bank
+
+    branch = Branch("point", 32)
+    before = {k: v.clone() for k, v in branch.encoder.state_dict().items()}
+    bank = render_bank("point", world, 2, seed=1)
+    pretrain_encoder(branch.encoder, *(torch.from_numpy(bank[k]) for k in ("x", "entity", "level")),
+                     n_entities=len(world.entities), steps=3)
+    after = branch.encoder.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in branch.encoder.parameters())
