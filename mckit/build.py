@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_dir, save_mllm
+from .atomic import atomic_dir
+from .checkpoint import save_mllm
 from .encoders import pretrain_encoder, probe_accuracy
 from .evaluate import predict, score
 from .mllm import MLLM, Branch

@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from peft import PeftModel
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from .atomic import atomic_dir
 from .mllm import MLLM, Branch
 
 FORMAT = "mckit-mllm"
@@ -37,36 +36,19 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not fit the model it is loaded into."""
 
 
-def atomic_dir(out: Path, overwrite: bool = False):
-    """Context manager yielding a temp dir that replaces ``out`` only if the block succeeds."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    class _Atomic:
-        def __enter__(self) -> Path:
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-            return self.tmp
-
-        def __exit__(self, exc_type, exc, tb) -> None:
-            if exc_type is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                return
-            if out.exists():
-                old = out.with_name(f".{out.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(out, old)
-                os.replace(self.tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(self.tmp, out)
-
-    return _Atomic()
-
-
 def branch_state(model: MLLM) -> dict[str, torch.Tensor]:
     return {f"{m}.{k}": v.detach().contiguous() for m, b in model.branches.items() for k, v in b.state_dict().items()}
+
+
+def check_safetensors(path: Path) -> None:
+    """Open only the header of a safetensors file: a missing or corrupt file becomes a :class:`CheckpointError`."""
+    if not path.is_file():
+        raise CheckpointError(f"missing safetensors file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CheckpointError(f"corrupt safetensors file {path}: {err}") from err
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -138,8 +120,7 @@ def read_meta(path: Path) -> dict:
 def load_llm(path: str | Path):
     """A plain transformers causal LM from ``path``, with clear errors for missing/corrupt weights."""
     path = Path(path)
-    weights = path / "model.safetensors"
-    load_tensors(weights)  # validates presence and integrity with a clear message
+    check_safetensors(path / "model.safetensors")
     return AutoModelForCausalLM.from_pretrained(str(path)).eval()
 
 
@@ -153,7 +134,7 @@ def load_mllm(path: str | Path, modalities: list[str] | None = None) -> MLLM:
     else:
         llm = load_llm((path / entry["base"]).resolve())
         if entry["kind"] == "lora":
-            load_tensors(path / entry["path"] / "adapter_model.safetensors")
+            check_safetensors(path / entry["path"] / "adapter_model.safetensors")
             llm = PeftModel.from_pretrained(llm, str(path / entry["path"])).eval()
     hidden = llm.get_input_embeddings().weight.shape[1]
     wanted = modalities or list(meta["modalities"])

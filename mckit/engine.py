@@ -30,7 +30,6 @@ import json
 import re
 import shutil
 import struct
-import tempfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mckit import merging as M
+from mckit.atomic import atomic_dir
 
 DEFAULT_INCLUDE = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$"
 SINGLE_FILE = "model.safetensors"
@@ -343,15 +343,10 @@ def merge_checkpoints(method: str, base: str | Path, experts: Sequence[str | Pat
         _validate_inputs(base_ck, expert_cks, merged, allow_vocab_mismatch)
         thresholds = (_global_thresholds(method, base_ck, expert_cks, merged, options, seed)
                       if scope == "global" else None)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+        with atomic_dir(out, overwrite=True) as tmp:
             _write_merge(method, base_ck, expert_cks, set(merged), tmp, options, seed, thresholds,
                          max_shard_bytes, progress)
             _copy_side_files(base_ck.path, tmp)
-            _replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return out
 
 
@@ -396,17 +391,6 @@ def _copy_side_files(src: Path, dst: Path) -> None:
     for name in COPIED_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` (overwrite) is moved aside first, then removed."""
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        out.rename(trash / "old")
-        tmp.rename(out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 # --------------------------------------------------------- in memory

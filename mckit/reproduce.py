@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_dir
+from .atomic import atomic_dir
 from .zoo import accuracy_table, world_record
 
 ROOT = Path(__file__).resolve().parent.parent
