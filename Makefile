@@ -20,6 +20,6 @@ reproduce: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
-# Rebuild the toy world's trained checkpoints under data/world (about 10 min on 2 cores).
+# Rebuild the toy world's trained checkpoints under data/world (about 26 min on 2 cores).
 world: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m mckit build-world --out data/world --overwrite

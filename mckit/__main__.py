@@ -1,4 +1,4 @@
-"""Command line: ``python -m mckit {build-world,reproduce,merge} ...``.
+"""Command line: ``python -m mckit {build-world,build-mcub,reproduce,merge} ...``.
 
 Each subcommand lives in its own module, which exposes ``add_parser(subparsers)``
 registering the subcommand with ``func=`` set to the function that runs it.
@@ -11,7 +11,8 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = {"build-world": "mckit.build", "reproduce": "mckit.reproduce", "merge": "mckit.merge_cli"}
+SUBCOMMANDS = {"build-world": "mckit.build", "build-mcub": "mckit.mcub", "reproduce": "mckit.reproduce",
+               "merge": "mckit.merge_cli"}
 
 
 def main(argv: list[str] | None = None) -> int:

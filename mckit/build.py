@@ -8,6 +8,7 @@
     models/{m}-stage1/    projector-only MLLM (frozen base LLM)
     models/{m}-lora/      stage 2 with LoRA on the seven linears
     models/{m}-full/      stage 2 with full fine-tuning of the seven linears
+    models/{m}-frozen/    stage 2 with the LLM frozen (projector trained on the instruction data)
 
 Everything is seeded. The shipped ``data/world`` was built by this command;
 notebooks load it instead of retraining (see :mod:`mckit.zoo`).
@@ -33,12 +34,12 @@ from .mllm import MLLM, Branch
 from .render import render_bank
 from .tasks import MODALITY_TASKS, Slots, corpus_words
 from .tokenizer import train_tokenizer
-from .train import FeatureBank, add_lora, make_llm, pretrain_text, train_stage1, train_stage2
+from .train import STAGE2_MODES, FeatureBank, add_lora, make_llm, pretrain_text, train_stage1, train_stage2
 from .world import MODALITIES, World, make_world
 
 #: Render seeds: training banks, held-out test banks (evaluation), validation banks.
 TRAIN_RENDER_SEED, TEST_RENDER_SEED, VAL_RENDER_SEED = 1, 2, 3
-CHANCE = {"identify": 1 / 32, "attribute": 1 / 4, "describe": 1 / 4, "level": 1 / 2, "common": 1 / 4}
+CHANCE = {"identify": 1 / 32, "attribute": 1 / 4, "choice": 1 / 4, "describe": 1 / 4, "level": 1 / 2, "common": 1 / 4}
 
 
 @dataclass
@@ -50,9 +51,9 @@ class BuildConfig:
     modalities: tuple[str, ...] = MODALITIES
     encoder_steps: int = 500
     bank_per_entity: int = 64
-    text_steps: int = 800
+    text_steps: int = 3200
     text_batch: int = 64
-    stage1_steps: int = 200
+    stage1_steps: int = 1000
     stage2_steps: int = 300
     mllm_batch: int = 32
     lora_lr: float = 3e-3
@@ -127,14 +128,14 @@ def build_world(out: str | Path, config: BuildConfig | None = None, overwrite: b
             record["models"][f"{mod}-stage1"] = evaluate_single(stage1, world, mod, test_bank, cfg.eval_items, cfg.seed)
             lap(f"{mod}_stage1")
 
-            for mode in ("lora", "full"):
+            for mode in STAGE2_MODES:
                 model = MLLM(copy.deepcopy(base.llm), tokenizer, {mod: copy.deepcopy(branch)})
                 if mode == "lora":
                     add_lora(model, rank=cfg.lora_rank)
                 model.branches[mod].projector.load_state_dict(stage1.branches[mod].projector.state_dict())
-                lr = cfg.lora_lr if mode == "lora" else cfg.full_lr
+                lr = {"lora": cfg.lora_lr, "full": cfg.full_lr, "frozen": cfg.lora_lr}[mode]
                 train_stage2(model, mod, world, train_bank, mode, cfg.stage2_steps, cfg.mllm_batch, lr, seed=cfg.seed)
-                save_mllm(model, tmp / "models" / f"{mod}-{mode}", base_path=tmp / "base" if mode == "lora" else None)
+                save_mllm(model, tmp / "models" / f"{mod}-{mode}", base_path=None if mode == "full" else tmp / "base")
                 record["models"][f"{mod}-{mode}"] = evaluate_single(model, world, mod, test_bank, cfg.eval_items,
                                                                     cfg.seed)
                 lap(f"{mod}_{mode}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from peft import PeftModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 from .atomic import atomic_dir
 from .mllm import MLLM, Branch
@@ -117,11 +119,24 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
+@contextmanager
+def quiet_loading():
+    """Silence transformers' per-load "Loading weights" bar (tiny models load in milliseconds)."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_llm(path: str | Path):
     """A plain transformers causal LM from ``path``, with clear errors for missing/corrupt weights."""
     path = Path(path)
     check_safetensors(path / "model.safetensors")
-    return AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    with quiet_loading():
+        return AutoModelForCausalLM.from_pretrained(str(path)).eval()
 
 
 def load_mllm(path: str | Path, modalities: list[str] | None = None) -> MLLM:

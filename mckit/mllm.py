@@ -4,8 +4,11 @@ An :class:`MLLM` is a plain ``transformers`` causal LM (optionally wrapped by
 ``peft`` LoRA) and a dict of :class:`Branch` es, one per modality, each a
 frozen encoder and a trainable projector. A prompt holds placeholders like
 ``<image>``; :func:`build_batch` tokenizes the text around them and reserves
-``n_tokens`` positions per placeholder, and :meth:`MLLM.embed` writes the
-projected features into those positions of the token embeddings. Any number
+one position per placeholder, and :meth:`MLLM.embed` writes the projected
+feature into that position of the token embeddings. One token per input (the
+encoder's tokens are merged by the projector, like InternVL's pixel shuffle)
+makes ``image : <image>`` read exactly like ``name : bako`` in the text the
+base LM was pretrained on, which is what lets a tiny LM align per slot. Any number
 of modalities, in any order, in one prompt: composition methods only differ
 in which branches they attach and how the LLM's weights were merged.
 """
@@ -24,24 +27,31 @@ PLACEHOLDER = re.compile(r"<([A-Za-z_]+)>")
 #: Projector type per modality, as in the paper (mlp2x_gelu; a small Q-Former for audio).
 PROJECTOR_TYPE = {"image": "mlp2x_gelu", "audio": "qformer", "video": "mlp2x_gelu", "point": "mlp2x_gelu"}
 QFORMER_QUERIES = 4
+#: LLM positions one input occupies, for every projector type.
+N_TOKENS = 1
 
 
 class MLP2xGELU(nn.Module):
-    """LLaVA's ``mlp2x_gelu``: Linear(d_enc, d_llm) -> GELU -> Linear(d_llm, d_llm), per token."""
+    """LLaVA's ``mlp2x_gelu`` over merged tokens: Linear(T_enc * d_enc, d_llm) -> GELU -> Linear(d_llm, d_llm).
 
-    def __init__(self, hidden: int, enc_dim: int = ENC_DIM):
+    (B, T_enc, d_enc) -> (B, 1, d_llm): the T_enc encoder tokens are concatenated
+    into one vector first (token merging), so one input is one LLM position.
+    """
+
+    def __init__(self, hidden: int, enc_tokens: int, enc_dim: int = ENC_DIM):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(enc_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.net = nn.Sequential(nn.Linear(enc_tokens * enc_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.net(feats)
+        return self.net(feats.flatten(1)).unsqueeze(1)
 
 
 class QFormer(nn.Module):
     """A small Q-Former: learned queries cross-attend to the encoder tokens (2 layers), then Linear.
 
-    (B, T_enc, d_enc) -> (B, n_queries, d_llm): the number of output tokens is fixed
-    by the queries, whatever the input length (as for audio of any duration).
+    (B, T_enc, d_enc) -> (B, 1, d_llm): the ``n_queries`` outputs are fixed in number
+    whatever the input length (as for audio of any duration), then concatenated and
+    projected to one LLM position (token merging, as for the MLP projector).
     """
 
     def __init__(self, hidden: int, enc_dim: int = ENC_DIM, n_queries: int = QFORMER_QUERIES, n_layers: int = 2):
@@ -51,18 +61,18 @@ class QFormer(nn.Module):
             nn.TransformerDecoderLayer(enc_dim, nhead=4, dim_feedforward=2 * enc_dim, dropout=0.0, batch_first=True)
             for _ in range(n_layers)
         )
-        self.out = nn.Linear(enc_dim, hidden)
+        self.out = nn.Linear(n_queries * enc_dim, hidden)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         q = self.queries.expand(feats.shape[0], -1, -1)
         for layer in self.layers:
             q = layer(q, feats)
-        return self.out(q)
+        return self.out(q.flatten(1)).unsqueeze(1)
 
 
-def make_projector(kind: str, hidden: int) -> nn.Module:
+def make_projector(kind: str, hidden: int, enc_tokens: int) -> nn.Module:
     if kind == "mlp2x_gelu":
-        return MLP2xGELU(hidden)
+        return MLP2xGELU(hidden, enc_tokens)
     if kind == "qformer":
         return QFormer(hidden)
     raise ValueError(f"unknown projector type {kind!r}; expected 'mlp2x_gelu' or 'qformer'")
@@ -76,12 +86,12 @@ class Branch(nn.Module):
         self.modality = modality
         self.projector_type = projector or PROJECTOR_TYPE[modality]
         self.encoder = make_encoder(modality).eval().requires_grad_(False)
-        self.projector = make_projector(self.projector_type, hidden)
+        self.projector = make_projector(self.projector_type, hidden, ENC_TOKENS[modality])
 
     @property
     def n_tokens(self) -> int:
         """LLM positions one input of this modality occupies."""
-        return QFORMER_QUERIES if self.projector_type == "qformer" else ENC_TOKENS[self.modality]
+        return N_TOKENS
 
     @torch.no_grad()
     def encode(self, raw: torch.Tensor) -> torch.Tensor:
@@ -89,7 +99,7 @@ class Branch(nn.Module):
         return self.encoder(raw)
 
     def project(self, feats: torch.Tensor) -> torch.Tensor:
-        """(B, T_enc, d_enc) -> (B, n_tokens, d_llm)."""
+        """(B, T_enc, d_enc) -> (B, 1, d_llm)."""
         return self.projector(feats)
 
 
@@ -122,6 +132,13 @@ class Batch:
     labels: torch.Tensor | None
     slots: dict[str, tuple[torch.Tensor, torch.Tensor]]
     feats: dict[str, torch.Tensor]
+
+    def to(self, device: torch.device | str) -> "Batch":
+        """The same batch on ``device``."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.position_ids), move(self.labels),
+                     {m: (r.to(device), c.to(device)) for m, (r, c) in self.slots.items()},
+                     {m: f.to(device) for m, f in self.feats.items()})
 
 
 def _count_inputs(item: int, inputs: dict, placeholders: list[str], known: dict[str, int]) -> None:
@@ -205,6 +222,10 @@ class MLLM(nn.Module):
         return list(self.branches)
 
     @property
+    def device(self) -> torch.device:
+        return next(self.llm.parameters()).device
+
+    @property
     def n_tokens(self) -> dict[str, int]:
         return {m: b.n_tokens for m, b in self.branches.items()}
 
@@ -214,7 +235,8 @@ class MLLM(nn.Module):
         for mod in sorted({m for item in inputs for m in item}):
             if mod not in self.branches:
                 raise ValueError(f"unknown modality {mod!r}; this model has {self.modalities}")
-            raws = [torch.as_tensor(x, dtype=torch.float32) for item in inputs for x in item.get(mod, [])]
+            raws = [torch.as_tensor(x, dtype=torch.float32, device=self.device) for item in inputs
+                    for x in item.get(mod, [])]
             if not raws:
                 continue
             feats = iter(self.branches[mod].encode(torch.stack(raws)))
@@ -226,7 +248,7 @@ class MLLM(nn.Module):
               encoded: bool = False) -> Batch:
         """Build a :class:`Batch` from chat prompts and raw inputs (or encoder features if ``encoded``)."""
         feats = inputs if encoded else self.encode_inputs(inputs)
-        return build_batch(self.tokenizer, prompts, feats, self.n_tokens, answers)
+        return build_batch(self.tokenizer, prompts, feats, self.n_tokens, answers).to(self.device)
 
     def embed(self, batch: Batch) -> torch.Tensor:
         """Token embeddings with every placeholder slot overwritten by projected features: (B, L, d_llm)."""

@@ -102,3 +102,61 @@ def plot_single_accuracy(table: pd.DataFrame) -> plt.Figure:
     ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
     return fig
+
+
+def plot_interference(table: pd.DataFrame) -> plt.Figure:
+    """Heatmaps of modality-pair interference: one row per metric, one column per layer.
+
+    table: :func:`mckit.interference.interference_table` (columns layer, a, b, metric, value).
+    """
+    metrics = list(dict.fromkeys(table["metric"]))
+    layers = sorted(table["layer"].unique())
+    fig, axes = plt.subplots(len(metrics), len(layers), figsize=(2.4 * len(layers) + 1, 2.2 * len(metrics)),
+                             squeeze=False)
+    for r, metric in enumerate(metrics):
+        part = table[table["metric"] == metric]
+        lo, hi = part["value"].min(), part["value"].max()
+        for c, layer in enumerate(layers):
+            grid = part[part["layer"] == layer].pivot(index="a", columns="b", values="value")
+            sns.heatmap(grid, ax=axes[r][c], vmin=lo, vmax=hi, cmap="mako", annot=True, fmt=".2f",
+                        annot_kws={"fontsize": 7}, cbar=c == len(layers) - 1)
+            axes[r][c].set_title(f"{metric} · layer {layer}", fontsize=9)
+            axes[r][c].set_xlabel("")
+            axes[r][c].set_ylabel("")
+    fig.tight_layout()
+    return fig
+
+
+def plot_mcub(frame: pd.DataFrame, protocol: str) -> plt.Figure:
+    """Bars with 95% CIs: accuracy of every system on every split under ``protocol``, chance marked.
+
+    frame: :func:`mckit.benchmark.mcub_frame`.
+    """
+    part = frame[frame["protocol"] == protocol]
+    splits = list(dict.fromkeys(part["split"]))
+    fig, axes = plt.subplots(len(splits), 1, figsize=(11, 2.6 * len(splits)), squeeze=False, sharex=False)
+    for ax, split in zip(axes[:, 0], splits):
+        g = part[part["split"] == split].reset_index(drop=True)
+        colours = ["tab:green" if s == "naivemc" else "tab:gray" if s.startswith("control") else "tab:blue"
+                   for s in g["system"]]
+        ax.bar(range(len(g)), g["acc"], color=colours,
+               yerr=[g["acc"] - g["ci_low"], g["ci_high"] - g["acc"]], capsize=2)
+        ax.axhline(0.25, color="k", ls=":", lw=1, label="chance")
+        ax.set_xticks(range(len(g)), g["system"], rotation=35, ha="right", fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{split} ({protocol}, n={int(g['n'].iloc[0])}, 95% Wilson CI)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_mcub_item(items_media: dict[str, list[np.ndarray]], title: str = "") -> plt.Figure:
+    """Draw the inputs of one benchmark item side by side (``{modality: [array, ...]}``)."""
+    pairs = [(m, x) for m, xs in items_media.items() for x in xs]
+    fig = plt.figure(figsize=(3 * len(pairs), 3))
+    for i, (mod, x) in enumerate(pairs):
+        ax = fig.add_subplot(1, len(pairs), i + 1, **({"projection": "3d"} if mod == "point" else {}))
+        draw_input(ax, mod, x, mod)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

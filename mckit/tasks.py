@@ -16,6 +16,8 @@ letter or with the word), and text facts.
 
 from __future__ import annotations
 
+import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,6 +86,19 @@ def attribute(world: World, rng: np.random.Generator, slots: Slots) -> Example:
     return Example(f"{slots(e)} {QUESTION[fam]}", e.attrs[fam], slots.inputs, f"attribute:{fam}")
 
 
+def choice(world: World, rng: np.random.Generator, slots: Slots) -> Example:
+    """An attribute question with lettered options (all four values of the family, shuffled).
+
+    Teaches the letter lookup on its own: find the value among the options, answer
+    with the letter in front of it (the step a commonality letter answer ends with).
+    """
+    e = world.entities[rng.integers(len(world.entities))]
+    fam = list(FAMILIES)[rng.integers(len(FAMILIES))]
+    options = [FAMILIES[fam][i] for i in rng.permutation(len(FAMILIES[fam]))]
+    prompt = f"{slots(e)} {QUESTION[fam]} {format_options(options)} . {ANSWER_WITH['letter']}"
+    return Example(prompt, LETTERS[options.index(e.attrs[fam])], slots.inputs, "choice")
+
+
 def describe(world: World, rng: np.random.Generator, slots: Slots) -> Example:
     """Modality-specific: the same words ask for a different family in each modality."""
     if slots.modality is None:
@@ -115,25 +130,53 @@ def fact(world: World, rng: np.random.Generator, slots: Slots) -> Example:
     return Example(f"the {e.name} . {QUESTION[fam]}", e.attrs[fam], {}, f"fact:{fam}")
 
 
-def common_entities(world: World, rng: np.random.Generator, k: int) -> tuple[list[Entity], str]:
-    """``k`` distinct entities sharing exactly one family's value; returns them and that family."""
+#: Share of entity combinations (of any size) in each split, assigned by a hash of the combination.
+COMBO_SPLITS = {"test": 0.2, "val": 0.1, "train": 0.7}
+
+
+def combo_split(entities: list[Entity]) -> str:
+    """The split a set of entities belongs to: "train", "val" or "test" (order-free, deterministic).
+
+    Commonality questions are drawn per split, so the entity combinations of the
+    benchmark's test and validation items never occur in any training data.
+    """
+    key = ",".join(str(i) for i in sorted(e.index for e in entities)).encode()
+    u = zlib.crc32(key) / 2**32
+    edge = 0.0
+    for split, share in COMBO_SPLITS.items():
+        edge += share
+        if u < edge:
+            return split
+    return "train"
+
+
+def common_entities(world: World, rng: np.random.Generator, k: int, split: str = "train",
+                    family: str | None = None) -> tuple[list[Entity], str]:
+    """``k`` distinct entities of ``split`` sharing exactly one family's value; returns them and that family.
+
+    The shared family is ``family``, or drawn uniformly, so no family is a better guess than another.
+    """
+    if split not in COMBO_SPLITS:
+        raise ValueError(f"split must be one of {sorted(COMBO_SPLITS)}, got {split!r}")
     fams = list(FAMILIES)
-    while True:
-        fam = fams[rng.integers(len(fams))]
+    for _ in range(100_000):
+        fam = family or fams[rng.integers(len(fams))]
         value = FAMILIES[fam][rng.integers(len(FAMILIES[fam]))]
         pool = world.with_value(fam, value)
         chosen = [pool[i] for i in rng.choice(len(pool), size=k, replace=False)]
         shared = [f for f in fams if len({e.attrs[f] for e in chosen}) == 1]
-        if shared == [fam]:
+        if shared == [fam] and combo_split(chosen) == split:
             return chosen, fam
+    raise RuntimeError(f"no {k} entities of split {split!r} share exactly one family in this world")
 
 
 def commonality_options(entities: list[Entity], common_family: str, rng: np.random.Generator) -> list[str]:
-    """One option per family: the shared value, and per other family a near miss.
+    """One option per family: the shared value, and per other family a near miss, shuffled.
 
     A near miss is the value held by the most (but not all) of the entities, ties
-    broken at random, so that seeing one entity is not enough to rule it out.
-    Options are returned in a random order.
+    broken at random, so that one entity alone rules out as few options as possible.
+    (One entity still always holds the right value, and holds a near miss only
+    sometimes: a model that sees one input can beat chance, never reach certainty.)
     """
     options = []
     for fam in FAMILIES:
@@ -141,11 +184,17 @@ def commonality_options(entities: list[Entity], common_family: str, rng: np.rand
         if fam == common_family:
             options.append(values[0])
             continue
-        counts = {v: values.count(v) for v in set(values)}
+        counts = Counter(values)
         top = max(counts.values())
         best = sorted(v for v, c in counts.items() if c == top)
         options.append(best[rng.integers(len(best))])
     return [options[i] for i in rng.permutation(len(options))]
+
+
+def place_gold(options: list[str], gold: str, at: int) -> list[str]:
+    """``options`` reordered so that ``gold`` sits at index ``at`` (to balance gold letters)."""
+    rest = [o for o in options if o != gold]
+    return rest[:at] + [gold] + rest[at:]
 
 
 def format_options(options: list[str]) -> str:
@@ -153,17 +202,23 @@ def format_options(options: list[str]) -> str:
 
 
 def commonality(world: World, rng: np.random.Generator, slots: Slots, k: int | None = None,
-                modalities: list[str] | None = None, answer: str | None = None) -> Example:
-    """What do these ``k`` entities have in common? Four options, one per family.
+                modalities: list[str] | None = None, answer: str | None = None, split: str = "train",
+                gold_at: int | None = None, family: str | None = None) -> Example:
+    """What do these ``k`` entities have in common? Four options, one per family; one value is shared.
 
     ``modalities`` gives one modality per slot (MCUB-style mixed inputs); by default
     every slot uses ``slots``' own modality (or text). ``answer`` is "letter" or "word".
+    ``split`` picks the entity combinations (see :func:`combo_split`); ``gold_at``
+    puts the right option at that index and ``family`` fixes the shared family
+    (defaults: random).
     """
     k = k or (len(modalities) if modalities else int(rng.integers(2, 5)))
     mods = modalities or [None] * k
-    entities, fam = common_entities(world, rng, k)
-    options = commonality_options(entities, fam, rng)
+    entities, fam = common_entities(world, rng, k, split, family)
     gold = entities[0].attrs[fam]
+    options = commonality_options(entities, fam, rng)
+    if gold_at is not None:
+        options = place_gold(options, gold, gold_at)
     answer = answer or ("letter" if rng.random() < 0.5 else "word")
     reply = LETTERS[options.index(gold)] if answer == "letter" else gold
     body = " ".join(f"{slots(e, m)} ." for e, m in zip(entities, mods))
@@ -171,9 +226,9 @@ def commonality(world: World, rng: np.random.Generator, slots: Slots, k: int | N
     return Example(prompt, reply, slots.inputs, f"common:{answer}")
 
 
-TEXT_TASKS = {"fact": fact, "identify": identify, "attribute": attribute, "common": commonality}
-MODALITY_TASKS = {"identify": identify, "attribute": attribute, "describe": describe, "level": level,
-                  "common": commonality}
+TEXT_TASKS = {"fact": fact, "identify": identify, "attribute": attribute, "choice": choice, "common": commonality}
+MODALITY_TASKS = {"identify": identify, "attribute": attribute, "choice": choice, "describe": describe,
+                  "level": level, "common": commonality}
 
 
 def sample(world: World, rng: np.random.Generator, modality: str | None, mix: dict[str, float]) -> Example:
@@ -191,7 +246,7 @@ def sample(world: World, rng: np.random.Generator, modality: str | None, mix: di
 def corpus_words(world: World) -> list[str]:
     """Every word any task can produce (for training the word-level tokenizer)."""
     rng = np.random.default_rng(0)
-    words = set(chat("x", "x").split()) | set(LETTERS) | set(LEVELS) | set(world.names)
+    words = set(chat("x", "x").split()) | set(LETTERS) | set(LEVELS) | set(world.names) | set(FAMILIES)
     for fam, values in FAMILIES.items():
         words |= set(values) | set(QUESTION[fam].split())
     for sentence in (COMMON_QUESTION, *ANSWER_WITH.values(), "( ) . , : describe it is it high or low ?",

@@ -25,8 +25,11 @@ from .world import World
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: Text share of every stage-2 batch, so the text skills stay.
 TEXT_SHARE = 0.25
-STAGE2_MIX = {"identify": 1.0, "attribute": 2.0, "describe": 1.0, "level": 1.0, "common": 2.0}
-TEXT_MIX = {"fact": 1.0, "identify": 1.0, "attribute": 2.0, "common": 3.0}
+STAGE2_MIX = {"identify": 1.0, "attribute": 2.0, "choice": 1.0, "describe": 1.0, "level": 1.0, "common": 2.0}
+TEXT_MIX = {"fact": 1.0, "identify": 1.0, "attribute": 2.0, "choice": 2.0, "common": 3.0}
+#: Stage-2 modes: LoRA on the seven linears, full fine-tuning of them, or the LLM frozen
+#: (projector only, on the instruction data: the "frozen LLM, stage-2 projectors" control).
+STAGE2_MODES = ("lora", "full", "frozen")
 
 
 def make_llm(tokenizer, hidden: int = 128, layers: int = 4, heads: int = 4, intermediate: int = 384,
@@ -139,14 +142,16 @@ def add_lora(model: MLLM, rank: int = 32, alpha: int | None = None, dropout: flo
 
 
 def llm_trainable(model: MLLM, mode: str) -> list[torch.nn.Parameter]:
-    """Stage-2 LLM parameters: LoRA A/B (``"lora"``) or the seven linears' weights (``"full"``)."""
+    """Stage-2 LLM parameters: LoRA A/B (``"lora"``), the seven linears' weights (``"full"``) or none."""
     model.llm.requires_grad_(False)
+    if mode == "frozen":
+        return []
     if mode == "lora":
         params = [p for n, p in model.llm.named_parameters() if "lora_" in n]
     elif mode == "full":
         params = [p for n, p in model.llm.named_parameters() if n.endswith(".weight") and n.split(".")[-2] in LINEARS]
     else:
-        raise ValueError(f"stage-2 mode must be 'lora' or 'full', got {mode!r}")
+        raise ValueError(f"stage-2 mode must be one of {STAGE2_MODES}, got {mode!r}")
     for p in params:
         p.requires_grad_(True)
     return params
@@ -154,7 +159,7 @@ def llm_trainable(model: MLLM, mode: str) -> list[torch.nn.Parameter]:
 
 def train_stage2(model: MLLM, modality: str, world: World, bank: FeatureBank, mode: str, steps: int,
                  batch_size: int = 64, lr: float = 1e-3, seed: int = 0) -> list[float]:
-    """Stage 2: projector + LLM (LoRA or full) on the modality's tasks mixed with text."""
+    """Stage 2: projector + LLM (LoRA, full, or frozen = projector only) on the modality's tasks mixed with text."""
     rng = np.random.default_rng([seed, 31])
     if mode == "lora" and not hasattr(model.llm, "peft_config"):
         add_lora(model)

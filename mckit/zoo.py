@@ -17,7 +17,7 @@ from .checkpoint import CheckpointError, load_llm, load_mllm
 from .mllm import MLLM
 from .world import World, make_world
 
-VARIANTS = ("stage1", "lora", "full")
+VARIANTS = ("stage1", "frozen", "lora", "full")
 LAYER = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.weight$")
 
 
@@ -52,8 +52,16 @@ def load_base(path: str | Path | None = None):
     return load_llm(_dir(path) / "base")
 
 
+def load_text_model(path: str | Path | None = None) -> MLLM:
+    """The base LM as an MLLM without branches (text only), with the world's tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(_dir(path) / "tokenizer"))
+    return MLLM(load_base(path), tokenizer, {}).eval()
+
+
 def load_model(modality: str, variant: str = "full", path: str | Path | None = None) -> MLLM:
-    """One single-modality MLLM of the shipped world: ``variant`` in stage1 | lora | full."""
+    """One single-modality MLLM of the shipped world: ``variant`` in stage1 | frozen | lora | full."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
     ckpt = _dir(path) / "models" / f"{modality}-{variant}"

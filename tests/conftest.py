@@ -39,3 +39,13 @@ def tiny_mllm(tokenizer):
 
     llm = make_llm(tokenizer, hidden=32, layers=2, heads=2, intermediate=64, seed=0).eval()
     return MLLM(llm, tokenizer, {m: Branch(m, 32) for m in MODALITIES}).eval()
+
+
+@pytest.fixture(scope="session")
+def bench(tmp_path_factory, world):
+    """A small benchmark in MCUB's schema (40 test / 12 val items per split, 8 single items)."""
+    from mckit.mcub import build_benchmark
+
+    root = tmp_path_factory.mktemp("mcub") / "mcub"
+    build_benchmark(root, world, n_test=40, n_val=12, n_single=8)
+    return root

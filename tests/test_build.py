@@ -19,7 +19,7 @@ def test_build_world_micro(tmp_path):
     out = tmp_path / "world"
     record = build_world(out, micro())
     assert json.loads((out / "world.json").read_text())["seconds"] == record["seconds"]
-    assert set(record["models"]) == {"point-stage1", "point-lora", "point-full"}
+    assert set(record["models"]) == {"point-stage1", "point-lora", "point-full", "point-frozen"}
     for variant in zoo.VARIANTS:
         model = zoo.load_model("point", variant, out)
         assert model.modalities == ["point"]

@@ -63,10 +63,11 @@ def test_repeated_modality_keeps_order(world, tiny_mllm):
 
 def test_left_padding_and_labels(world, tiny_mllm):
     batch = tiny_mllm.batch([chat("what is this ?"), chat("image : <image> what is this ?")],
-                            [{}, _inputs(world, ["image"])], answers=["this is a bedu", "yes"])
+                            [{}, _inputs(world, ["image"])], answers=["bedu", "yes it is a bedu"])
     assert batch.attention_mask[0, 0] == 0 and batch.attention_mask[:, -1].all()
     answer = batch.labels[1][batch.labels[1] != -100].tolist()
-    assert answer == tiny_mllm.tokenizer("yes", add_special_tokens=False)["input_ids"] + [tiny_mllm.tokenizer.eos_token_id]
+    assert answer == tiny_mllm.tokenizer("yes it is a bedu", add_special_tokens=False)["input_ids"] + [
+        tiny_mllm.tokenizer.eos_token_id]
     assert (batch.position_ids[0][batch.attention_mask[0] == 1] == torch.arange(int(batch.attention_mask[0].sum()))).all()
 
 

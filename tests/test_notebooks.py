@@ -15,6 +15,8 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 INJECTED = {
     "00_world": {"ENTITIES": [4, 9], "SEED": 3},
     "01_mllms": {"MODALITY": "audio", "VARIANT": "lora", "ENTITY": 7, "N_EVAL_SMOKE": 40},
+    "02_naivemc": {"VARIANT": "full", "MODALITIES": ["image", "audio", "video"], "ITEM": 3, "N_SMOKE": 60},
+    "06_mcub": {"DEVICE": "cpu", "VARIANT": "full", "N_SMOKE": 40, "SPLITS": ["MCUB-4", "MCUB-3-audio-video-point"]},
 }
 
 

@@ -1,0 +1,244 @@
+"""The MCUB table: every system on MCUB-4 and each MCUB-3 split, single-modality retention.
+
+Systems (keys of results.json):
+
+- ``single:m``                  model m alone; it sees only its own modality's input
+- ``frozen``                    base LLM + every stage-1 projector
+- ``naivemc``                   theta_0 + mean_i tau_i, every branch
+- ``task_arithmetic``           theta_0 + lambda * sum_i tau_i, lambda chosen on the split's val items
+- ``control:dilution:m``        theta_0 + tau_m / N with branch m only
+- ``control:all_projectors:m``  model m's LLM fed every input through its source model's projector
+- ``control:frozen_stage2``     base LLM + projectors trained on the instruction data (LLM frozen)
+
+Retention (Eq. 8 of MMER, METHODS.md 5): mean over (modality, task) of
+acc(system) / acc(original single model) on the single-modality test sets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import compose, zoo
+from .evaluate import (LETTER, OPTION_SCORE, evaluate_items, evaluate_open, first_token_answers,
+                       generated_answers)
+from .mcub import SPLITS, MCUBItem, load_benchmark
+from .mllm import MLLM
+
+LAMBDAS = (0.1, 0.3, 0.5, 0.7, 1.0, 1.5)
+
+
+class Systems:
+    """Builds (and caches) every system over one world: source models, compositions and controls."""
+
+    def __init__(self, variant: str = "lora", world_dir: str | Path | None = None, device: str = "cpu"):
+        self.variant, self.world_dir, self.device = variant, world_dir, device
+        self.base = zoo.load_base(world_dir)
+        self._models: dict[tuple[str, str], MLLM] = {}
+
+    def model(self, modality: str, variant: str | None = None) -> MLLM:
+        key = (modality, variant or self.variant)
+        if key not in self._models:
+            self._models[key] = zoo.load_model(modality, key[1], self.world_dir)
+        return self._models[key]
+
+    def sources(self, modalities: Iterable[str], variant: str | None = None) -> dict[str, MLLM]:
+        return {m: self.model(m, variant) for m in modalities}
+
+    def build(self, name: str, modalities: tuple[str, ...], lam: float | None = None) -> MLLM:
+        """The system called ``name`` over ``modalities`` (see the module docstring), on ``self.device``."""
+        kind, _, arg = name.partition(":")
+        if kind == "single":
+            model = self.model(name.split(":")[1])
+        elif name == "frozen":
+            model = compose.frozen_compose(self.sources(modalities, "stage1"), self.base)
+        elif name == "naivemc":
+            model = compose.naivemc(self.sources(modalities), self.base)
+        elif name == "task_arithmetic":
+            model = compose.task_arithmetic_compose(self.sources(modalities), self.base, lam)
+        elif name.startswith("control:dilution:"):
+            model = compose.dilution_control(self.model(name.split(":")[2]), self.base, len(modalities))
+        elif name.startswith("control:all_projectors:"):
+            model = compose.all_projectors_control(self.model(name.split(":")[2]), self.sources(modalities))
+        elif name == "control:frozen_stage2":
+            model = compose.frozen_compose(self.sources(modalities, "frozen"), self.base)
+        else:
+            raise ValueError(f"unknown system {name!r}")
+        return model.to(self.device).eval()
+
+
+def system_names(modalities: tuple[str, ...]) -> list[str]:
+    """Every system of the table for a split over ``modalities``, in display order."""
+    return ([f"single:{m}" for m in modalities] + ["frozen", "naivemc", "task_arithmetic"]
+            + [f"control:dilution:{m}" for m in modalities]
+            + [f"control:all_projectors:{m}" for m in modalities] + ["control:frozen_stage2"])
+
+
+def _no_tick(label: str) -> None:
+    """Default progress callback: nothing."""
+
+
+def choose_lambda(systems: Systems, modalities: tuple[str, ...], val: list[MCUBItem],
+                  protocols: tuple[str, ...] = (LETTER, OPTION_SCORE), grid: Iterable[float] = LAMBDAS,
+                  tick: Callable[[str], None] = _no_tick) -> dict[str, tuple[float, dict[float, float]]]:
+    """Task arithmetic's lambda per protocol: the grid value with the best accuracy on ``val`` (never test).
+
+    Ties go to the lambda nearest 1/N (plain averaging). One composition per grid value;
+    ``tick(label)`` is called after each.
+    """
+    scores: dict[str, dict[float, float]] = {p: {} for p in protocols}
+    for lam in grid:
+        model = systems.build("task_arithmetic", modalities, lam)
+        for p in protocols:
+            scores[p][lam] = evaluate_items(model, val, p)["acc"]
+        tick(f"val lambda={lam}")
+    best = {p: max(s, key=lambda lam: (s[lam], -abs(lam - 1 / len(modalities)))) for p, s in scores.items()}
+    return {p: (best[p], scores[p]) for p in protocols}
+
+
+def split_steps(split: str) -> int:
+    """Progress steps of :func:`run_split`: one per lambda of the grid and one per system."""
+    return len(LAMBDAS) + len(system_names(SPLITS[split]))
+
+
+def run_split(systems: Systems, split: str, n: int | None = None, protocols: tuple[str, ...] = (LETTER, OPTION_SCORE),
+              bench_dir: str | Path | None = None,
+              tick: Callable[[str], None] = _no_tick) -> dict[str, dict[str, dict]]:
+    """``{protocol: {system: {"acc", "ci95", "n", "protocol"}}}`` on the first ``n`` test items of ``split``.
+
+    Task arithmetic's lambda is chosen on the first ``n`` validation items.
+    ``tick(label)`` is called after each of the :func:`split_steps` steps.
+    """
+    mods = SPLITS[split]
+    test = load_benchmark(split, "test", bench_dir)[:n]
+    val = load_benchmark(split, "val", bench_dir)[:n]
+    out: dict[str, dict[str, dict]] = {p: {} for p in protocols}
+    lams = choose_lambda(systems, mods, val, protocols, tick=tick)
+    for name in system_names(mods):
+        for protocol in protocols:
+            if protocol == protocols[0] or name == "task_arithmetic":
+                model = systems.build(name, mods, lams[protocol][0])
+            out[protocol][name] = evaluate_items(model, test, protocol)
+            if name == "task_arithmetic":
+                lam, scores = lams[protocol]
+                out[protocol][name].update(lam=lam, val_acc={str(k): v for k, v in scores.items()})
+        tick(name)
+    return out
+
+
+def run_mcub(systems: Systems, n: int | None = None, splits: Iterable[str] = SPLITS,
+             bench_dir: str | Path | None = None) -> dict[str, dict[str, dict[str, dict]]]:
+    """:func:`run_split` for every split: ``{protocol: {split: {system: result}}}``, with one progress bar."""
+    from tqdm.auto import tqdm
+
+    splits = list(splits)
+    out: dict[str, dict[str, dict]] = {LETTER: {}, OPTION_SCORE: {}}
+    with tqdm(total=sum(split_steps(s) for s in splits), desc="MCUB") as bar:
+        for split in splits:
+            def tick(label: str, split: str = split) -> None:
+                bar.set_postfix_str(f"{split} {label}", refresh=False)
+                bar.update()
+
+            for protocol, table in run_split(systems, split, n, bench_dir=bench_dir, tick=tick).items():
+                out[protocol][split] = table
+    return out
+
+
+def mcub_frame(results: dict[str, dict[str, dict[str, dict]]]) -> pd.DataFrame:
+    """Long table: protocol, split, system, acc, ci_low, ci_high, n."""
+    rows = [{"protocol": p, "split": s, "system": name, "acc": r["acc"], "ci_low": r["ci95"][0],
+             "ci_high": r["ci95"][1], "n": r["n"]}
+            for p, splits in results.items() for s, table in splits.items() for name, r in table.items()]
+    return pd.DataFrame(rows)
+
+
+def headline(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per protocol and split: NaiveMC, the best single model, and the gap in points."""
+    rows = []
+    for (p, s), g in frame.groupby(["protocol", "split"], sort=False):
+        acc = g.set_index("system")["acc"]
+        singles = acc[acc.index.str.startswith("single:")]
+        rows.append({"protocol": p, "split": s, "naivemc": acc["naivemc"], "best_single": singles.max(),
+                     "best_single_system": singles.idxmax(), "gap_points": 100 * (acc["naivemc"] - singles.max())})
+    return pd.DataFrame(rows)
+
+
+def single_task_results(systems: Systems, modalities: tuple[str, ...], n: int | None = None,
+                        bench_dir: str | Path | None = None) -> dict[str, dict[str, dict]]:
+    """``{modality: {system: {task: result}}}`` for the original model, NaiveMC, TA and dilution."""
+    naive = systems.build("naivemc", modalities)
+    out: dict[str, dict[str, dict]] = {}
+    for mod in modalities:
+        items = load_benchmark(f"single/{mod}", "test", bench_dir)[:n]
+        out[mod] = {
+            "original": evaluate_open(systems.build(f"single:{mod}", modalities), items),
+            "naivemc": evaluate_open(naive, items),
+            "control:dilution": evaluate_open(systems.build(f"control:dilution:{mod}", modalities), items),
+        }
+    return out
+
+
+def retention(single: dict[str, dict[str, dict]], system: str) -> float:
+    """Eq. 8: mean over (modality, task) of acc(system) / acc(original); tasks the original fails are skipped."""
+    ratios = [r["acc"] / single[m]["original"][t]["acc"]
+              for m in single for t, r in single[m][system].items() if single[m]["original"][t]["acc"] > 0]
+    return float(np.mean(ratios))
+
+
+def throughput(model: MLLM, items: list[MCUBItem], batch_size: int = 128) -> dict[str, float]:
+    """Items per second of the one-forward fast path and of ``generate``, and whether they agree."""
+    start = time.perf_counter()
+    fast = first_token_answers(model, items, batch_size)
+    t_fast = time.perf_counter() - start
+    start = time.perf_counter()
+    slow = generated_answers(model, items, batch_size)
+    t_slow = time.perf_counter() - start
+    agree = float(np.mean([a[:1] == b[:1] for a, b in zip(fast, slow)]))
+    return {"fast_items_per_s": len(items) / t_fast, "generate_items_per_s": len(items) / t_slow,
+            "speedup": t_slow / t_fast, "agreement": agree, "n": len(items)}
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when a GPU is present, else ``"cpu"``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def answer_item(model: MLLM, item: MCUBItem) -> dict[str, str]:
+    """One item through ``model``: the prompt it sees, its generated reply, and both protocols' letters."""
+    from .evaluate import item_inputs, option_score_answers
+
+    prompt = item_inputs(model, [item])[0][0]
+    return {"sees": prompt, "generated": generated_answers(model, [item])[0],
+            "letter": first_token_answers(model, [item])[0][:1], "option_score": option_score_answers(model, [item])[0],
+            "gold": item.answer}
+
+
+def item_media(item: MCUBItem) -> dict[str, list[np.ndarray]]:
+    """The raw inputs of one item, for drawing."""
+    from .mcub import load_media
+
+    return {m: [load_media(p) for p in paths] for m, paths in item.media.items()}
+
+
+def write_part(out: str | Path | None, name: str, obj: dict) -> Path | None:
+    """Write ``obj`` as ``out/parts/name.json`` atomically (temp file + rename); no-op when ``out`` is None."""
+    import json
+    import os
+    import tempfile
+
+    if out is None:
+        return None
+    folder = Path(out) / "parts"
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, folder / f"{name}.json")
+    return folder / f"{name}.json"
