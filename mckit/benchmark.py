@@ -29,6 +29,8 @@ from .evaluate import (LETTER, OPTION_SCORE, evaluate_items, evaluate_open, firs
                        generated_answers)
 from .mcub import SPLITS, MCUBItem, load_benchmark
 from .mllm import MLLM
+from .tasks import NATIVE_FAMILY
+from .world import FAMILIES
 
 LAMBDAS = (0.1, 0.3, 0.5, 0.7, 1.0, 1.5)
 
@@ -168,18 +170,51 @@ def headline(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def single_systems(systems: Systems, modality: str, modalities: tuple[str, ...], naive: MLLM) -> dict[str, MLLM]:
+    """The systems compared on ``modality``'s own tasks: the original model, NaiveMC, the dilution control."""
+    return {"original": systems.build(f"single:{modality}", modalities), "naivemc": naive,
+            "control:dilution": systems.build(f"control:dilution:{modality}", modalities)}
+
+
 def single_task_results(systems: Systems, modalities: tuple[str, ...], n: int | None = None,
                         bench_dir: str | Path | None = None) -> dict[str, dict[str, dict]]:
-    """``{modality: {system: {task: result}}}`` for the original model, NaiveMC, TA and dilution."""
+    """``{modality: {system: {task: result}}}`` for the systems of :func:`single_systems`."""
     naive = systems.build("naivemc", modalities)
     out: dict[str, dict[str, dict]] = {}
     for mod in modalities:
         items = load_benchmark(f"single/{mod}", "test", bench_dir)[:n]
-        out[mod] = {
-            "original": evaluate_open(systems.build(f"single:{mod}", modalities), items),
-            "naivemc": evaluate_open(naive, items),
-            "control:dilution": evaluate_open(systems.build(f"control:dilution:{mod}", modalities), items),
-        }
+        out[mod] = {name: evaluate_open(model, items)
+                    for name, model in single_systems(systems, mod, modalities, naive).items()}
+    return out
+
+
+def describe_families(answers: list[str], modality: str, modalities: tuple[str, ...]) -> dict[str, float]:
+    """Which meaning of "describe it" the answers follow: fractions of ``own``, ``other`` and ``invalid``.
+
+    "describe it" asks for a different attribute family in each modality
+    (``NATIVE_FAMILY``). An answer that is a value of ``modality``'s own family is
+    ``own``; a value of the family another composed modality asks for is
+    ``other`` (the composed LLM followed another model's skill: conflict, not
+    dilution); anything else (no single value, a value of an unasked family) is
+    ``invalid``.
+    """
+    own = set(FAMILIES[NATIVE_FAMILY[modality]])
+    other = {v for m in modalities if m != modality for v in FAMILIES[NATIVE_FAMILY[m]]} - own
+    n = len(answers)
+    counts = {"own": sum(a in own for a in answers), "other": sum(a in other for a in answers)}
+    counts["invalid"] = n - counts["own"] - counts["other"]
+    return {**{k: v / n for k, v in counts.items()}, "n": n}
+
+
+def describe_conflict(systems: Systems, modalities: tuple[str, ...], n: int | None = None,
+                      bench_dir: str | Path | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """``{modality: {system: describe_families(...)}}`` on each modality's "describe it" test items."""
+    naive = systems.build("naivemc", modalities)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for mod in modalities:
+        items = [it for it in load_benchmark(f"single/{mod}", "test", bench_dir)[:n] if it.task == "describe"]
+        out[mod] = {name: describe_families(generated_answers(model, items), mod, modalities)
+                    for name, model in single_systems(systems, mod, modalities, naive).items()}
     return out
 
 
@@ -225,20 +260,3 @@ def item_media(item: MCUBItem) -> dict[str, list[np.ndarray]]:
     from .mcub import load_media
 
     return {m: [load_media(p) for p in paths] for m, paths in item.media.items()}
-
-
-def write_part(out: str | Path | None, name: str, obj: dict) -> Path | None:
-    """Write ``obj`` as ``out/parts/name.json`` atomically (temp file + rename); no-op when ``out`` is None."""
-    import json
-    import os
-    import tempfile
-
-    if out is None:
-        return None
-    folder = Path(out) / "parts"
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, folder / f"{name}.json")
-    return folder / f"{name}.json"

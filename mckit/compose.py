@@ -114,24 +114,33 @@ def naivemc(models, base: torch.nn.Module) -> MLLM:
     return task_arithmetic_compose(models, base, 1.0 / len(models))
 
 
-def merge_compose(models, base: torch.nn.Module, method: str, **options) -> MLLM:
-    """Any merging method of :mod:`mckit.merging` over the models' LLMs, every branch kept.
+def method_deltas(taus: list[dict[str, torch.Tensor]], base: torch.nn.Module, method: str,
+                  **options) -> dict[str, torch.Tensor]:
+    """Per weight: ``method(theta_0, [theta_0 + tau_i for i], **options) - theta_0`` (float32).
 
-    Per weight: ``method(theta_0, [theta_0 + tau_i for i], **options)`` with tau_i the
-    task vector (LoRA: the product B A), so LoRA and full models merge alike.
+    A weight missing from a task vector counts as unchanged (tau_i = 0) for that model.
     """
-    models = as_dict(models)
-    _check_models(models)
-    check_same_base(models, base)
     merge = get_method(method)
-    taus = [task_vector(m, base) for m in models.values()]
     ref = base.state_dict()
     deltas = {}
     for name in sorted({n for t in taus for n in t}):
         theta_0 = ref[name].float()
         thetas = [theta_0 + t[name] if name in t else theta_0 for t in taus]
         deltas[name] = merge(theta_0, thetas, **options) - theta_0
-    return with_llm(add_deltas(base, deltas), models)
+    return deltas
+
+
+def merge_compose(models, base: torch.nn.Module, method: str, **options) -> MLLM:
+    """Any merging method of :mod:`mckit.merging` over the models' LLMs, every branch kept.
+
+    Task vectors tau_i are LoRA products B A or weight differences, so LoRA and full
+    models merge alike (see :func:`method_deltas`).
+    """
+    models = as_dict(models)
+    _check_models(models)
+    check_same_base(models, base)
+    taus = [task_vector(m, base) for m in models.values()]
+    return with_llm(add_deltas(base, method_deltas(taus, base, method, **options)), models)
 
 
 def frozen_compose(models, base: torch.nn.Module) -> MLLM:

@@ -160,3 +160,25 @@ def plot_mcub_item(items_media: dict[str, list[np.ndarray]], title: str = "") ->
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def plot_describe_conflict(conflict: dict[str, dict[str, dict[str, float]]]) -> plt.Figure:
+    """Stacked bars: which modality's meaning of "describe it" each system's answers follow.
+
+    conflict: :func:`mckit.benchmark.describe_conflict` (``{modality: {system: {own, other, invalid, n}}}``).
+    """
+    rows = [{"modality": m, "system": s, "own": r["own"], "other": r["other"], "invalid": r["invalid"]}
+            for m, systems in conflict.items() for s, r in systems.items()]
+    frame = pd.DataFrame(rows).set_index(["modality", "system"])
+    colours = {"own": "tab:green", "other": "tab:red", "invalid": "tab:gray"}
+    fig, ax = plt.subplots(figsize=(1.1 * len(frame) + 2, 3.2))
+    bottom = np.zeros(len(frame))
+    for part, colour in colours.items():
+        ax.bar(range(len(frame)), frame[part], bottom=bottom, color=colour, label=part)
+        bottom += frame[part].to_numpy()
+    ax.set_xticks(range(len(frame)), [f"{m}\n{s}" for m, s in frame.index], fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel('share of "describe it" answers')
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, 1.18))
+    fig.tight_layout()
+    return fig

@@ -9,6 +9,8 @@ written atomically: a failed run leaves the previous ``DIR`` untouched.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,18 +36,41 @@ def _declares(nb: Path, name: str) -> bool:
 def run_notebooks(out: Path, mode: str, parts: Path) -> dict[str, float]:
     """Execute every notebook with papermill into ``out``; returns wall seconds per notebook.
 
-    Notebooks that declare an ``OUT`` parameter write their numbers under ``parts``.
+    Notebooks that declare an ``OUT`` parameter get the absolute path of ``parts`` and
+    write their numbers there with :func:`write_part` (they run with the notebooks
+    folder as working directory, so a relative path would land in the wrong place).
     """
     import papermill
 
     seconds = {}
     for nb in tqdm(notebooks(), desc="notebooks"):
         start = time.perf_counter()
-        params = {"MODE": mode, **({"OUT": str(parts)} if _declares(nb, "OUT") else {})}
+        params = {"MODE": mode, **({"OUT": str(Path(parts).resolve())} if _declares(nb, "OUT") else {})}
         papermill.execute_notebook(str(nb), str(out / nb.name), parameters=params, cwd=str(nb.parent),
                                    kernel_name="python3", progress_bar=False)
         seconds[nb.stem] = round(time.perf_counter() - start, 1)
     return seconds
+
+
+def write_part(parts: str | Path | None, name: str, obj: dict) -> Path | None:
+    """Write ``obj`` as ``parts/name.json`` (temp file + rename); a no-op when ``parts`` is None.
+
+    A notebook's ``OUT`` parameter is ``parts``: :func:`collect` merges every part
+    into results.json, so a part's top-level keys become results.json's.
+    """
+    if parts is None:
+        return None
+    folder = Path(parts)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, folder / f"{name}.json")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return folder / f"{name}.json"
 
 
 #: The papers' numbers the kit's are shown beside (METHODS.md 5; MMER, 7B models, %).
@@ -90,6 +115,16 @@ def mcub_table(table: dict[str, dict[str, dict]], protocol: str) -> list[str]:
     return lines
 
 
+def conflict_table(conflict: dict[str, dict[str, dict]]) -> list[str]:
+    """Markdown: per modality and system, the share of "describe it" answers that follow each meaning."""
+    lines = ["", '### Conflict or dilution? Whose meaning of "describe it" the answers follow', "",
+             "| modality | system | own | another modality's | invalid | n |", "|---|---|---|---|---|---|"]
+    for mod, by_system in conflict.items():
+        lines += [f"| {mod} | {name} | {r['own']:.2f} | {r['other']:.2f} | {r['invalid']:.2f} | {r['n']} |"
+                  for name, r in by_system.items()]
+    return lines
+
+
 def report(results: dict) -> str:
     """REPORT.md: the MCUB tables (both protocols), retention beside the paper, the world's models, timings."""
     lines = [f"# mckit results ({results['mode']} mode, seeds {results['seeds']})", ""]
@@ -106,6 +141,8 @@ def report(results: dict) -> str:
         for name, value in results["retention"].items():
             paper = PAPER["retention"].get(name, {})
             lines.append(f"| {name} | {value:.3f} | {paper.get('accuracies', '')} | {paper.get('scores', '')} |")
+        if "describe_conflict" in results:
+            lines += conflict_table(results["describe_conflict"])
         t = results["throughput"]
         lines += ["", f"Fast path {t['fast_items_per_s']:.0f} items/s vs generate {t['generate_items_per_s']:.0f} "
                       f"items/s ({t['speedup']:.1f}x; agreement {t['agreement']:.3f} on {t['n']} items, "

@@ -52,12 +52,16 @@ def load_base(path: str | Path | None = None):
     return load_llm(_dir(path) / "base")
 
 
-def load_text_model(path: str | Path | None = None) -> MLLM:
-    """The base LM as an MLLM without branches (text only), with the world's tokenizer."""
+def load_tokenizer(path: str | Path | None = None):
+    """The world's word-level tokenizer (shared by every model built on the world)."""
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(_dir(path) / "tokenizer"))
-    return MLLM(load_base(path), tokenizer, {}).eval()
+    return PreTrainedTokenizerFast.from_pretrained(str(_dir(path) / "tokenizer"))
+
+
+def load_text_model(path: str | Path | None = None) -> MLLM:
+    """The base LM as an MLLM without branches (text only), with the world's tokenizer."""
+    return MLLM(load_base(path), load_tokenizer(path), {}).eval()
 
 
 def load_model(modality: str, variant: str = "full", path: str | Path | None = None) -> MLLM:

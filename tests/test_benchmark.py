@@ -60,3 +60,11 @@ def test_shipped_benchmark_is_what_the_builder_writes(tmp_path):
     files = sorted(p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(shipped) for p in shipped.rglob("*") if p.is_file())
     assert all((fresh / f).read_bytes() == (shipped / f).read_bytes() for f in files)
+
+
+def test_describe_families_separates_conflict_from_lost_format():
+    mods = ("image", "audio", "point")
+    # image's "describe it" asks for colour; audio's for sound; point's for home; video (size) is not composed
+    answers = ["red", "blue", "hum", "city", "sea", "huge", "red . sea", ""]
+    shares = benchmark.describe_families(answers, "image", mods)
+    assert shares == {"own": 2 / 8, "other": 3 / 8, "invalid": 3 / 8, "n": 8}

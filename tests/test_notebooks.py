@@ -33,6 +33,8 @@ def test_notebooks_are_stripped_and_parameterised():
         tagged = [c for c in code if "parameters" in c["metadata"].get("tags", [])]
         assert len(tagged) == 1, f"{path.name}: want one parameters cell"
         assert 'MODE = "auto"' in "".join(tagged[0]["source"])
+        for line in "".join(tagged[0]["source"]).splitlines():  # papermill cannot parse a second '=' on a line
+            assert line.count("=") <= 1, f"{path.name}: parameters line {line!r} has more than one '='"
         assert nb["metadata"]["kernelspec"]["name"] == "python3"
         assert path.stem in INJECTED, f"{path.name}: add papermill parameters to INJECTED"
 

@@ -1,0 +1,31 @@
+"""The reproduce job's plumbing: notebooks' parts land in results.json and REPORT.md."""
+
+import json
+
+from mckit import reproduce
+
+
+def test_write_part_is_collected_into_results(tmp_path):
+    parts = tmp_path / "parts"
+    path = reproduce.write_part(parts, "mcub", {"retention": {"naivemc": 0.5}})
+    assert path == parts / "mcub.json" and json.loads(path.read_text()) == {"retention": {"naivemc": 0.5}}
+    assert [p.name for p in parts.iterdir()] == ["mcub.json"]  # no temporary file left behind
+    results = reproduce.collect("smoke", {"06_mcub": 1.0}, parts)
+    assert results["retention"] == {"naivemc": 0.5} and results["mode"] == "smoke"
+    assert reproduce.write_part(None, "mcub", {}) is None
+
+
+def test_notebooks_get_an_absolute_out(tmp_path, monkeypatch):
+    """Notebooks run with notebooks/ as working directory: a relative OUT would write beside them."""
+    import papermill
+
+    seen = {}
+
+    def fake_execute(src, dst, parameters, **kwargs):
+        seen[src] = parameters
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+    reproduce.run_notebooks(tmp_path, "smoke", "relative/parts")
+    mcub = next(p for s, p in seen.items() if s.endswith("06_mcub.ipynb"))
+    assert mcub["OUT"].startswith("/") and mcub["OUT"].endswith("relative/parts")
+    assert all(p["MODE"] == "smoke" for p in seen.values())
