@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: reproduce test world
+.PHONY: reproduce test world seeds experts mcub
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,3 +23,15 @@ test: $(STAMP)
 # Rebuild the toy world's trained checkpoints under data/world (about 26 min on 2 cores).
 world: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m mckit build-world --out data/world --overwrite
+
+# Stage-2 replicas of the world's LoRA models with training seeds 1 and 2 (about 9 min).
+seeds: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m mckit build-seeds --world data/world --seeds 1 2 --overwrite
+
+# The capability experts of the merging benchmark under data/experts (about 10 min).
+experts: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m mckit build-experts --out data/experts --overwrite
+
+# The MCUB files under data/mcub (seconds).
+mcub: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m mckit build-mcub --out data/mcub --overwrite

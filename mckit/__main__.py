@@ -1,8 +1,9 @@
-"""Command line: ``python -m mckit {build-world,build-mcub,reproduce,merge} ...``.
+"""Command line: ``python -m mckit {build-world,build-seeds,build-mcub,build-experts,reproduce,merge} ...``.
 
-Each subcommand lives in its own module, which exposes ``add_parser(subparsers)``
-registering the subcommand with ``func=`` set to the function that runs it.
-Only the chosen subcommand's module is imported, so ``merge`` starts fast.
+Each subcommand lives in a module that exposes a function (``add_parser`` unless
+named after a colon) registering the subcommand with ``func=`` set to the
+function that runs it. Only the chosen subcommand's module is imported, so
+``merge`` starts fast.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = {"build-world": "mckit.build", "build-mcub": "mckit.mcub", "reproduce": "mckit.reproduce",
+SUBCOMMANDS = {"build-world": "mckit.build", "build-seeds": "mckit.build:add_replicas_parser",
+               "build-mcub": "mckit.mcub", "build-experts": "mckit.experts", "reproduce": "mckit.reproduce",
                "merge": "mckit.merge_cli"}
 
 
@@ -20,8 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mckit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     chosen = [SUBCOMMANDS[argv[0]]] if argv and argv[0] in SUBCOMMANDS else SUBCOMMANDS.values()
-    for name in chosen:
-        importlib.import_module(name).add_parser(sub)
+    for spec in chosen:
+        module, _, register = spec.partition(":")
+        getattr(importlib.import_module(module), register or "add_parser")(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -38,15 +38,17 @@ LAMBDAS = (0.1, 0.3, 0.5, 0.7, 1.0, 1.5)
 class Systems:
     """Builds (and caches) every system over one world: source models, compositions and controls."""
 
-    def __init__(self, variant: str = "lora", world_dir: str | Path | None = None, device: str = "cpu"):
-        self.variant, self.world_dir, self.device = variant, world_dir, device
+    def __init__(self, variant: str = "lora", world_dir: str | Path | None = None, device: str = "cpu", seed: int = 0):
+        """``seed``: the training seed of the ``variant`` models (0: the world's own; others: replicas)."""
+        self.variant, self.world_dir, self.device, self.seed = variant, world_dir, device, seed
         self.base = zoo.load_base(world_dir)
         self._models: dict[tuple[str, str], MLLM] = {}
 
     def model(self, modality: str, variant: str | None = None) -> MLLM:
         key = (modality, variant or self.variant)
         if key not in self._models:
-            self._models[key] = zoo.load_model(modality, key[1], self.world_dir)
+            seed = self.seed if key[1] == self.variant else 0
+            self._models[key] = zoo.load_model(modality, key[1], self.world_dir, seed)
         return self._models[key]
 
     def sources(self, modalities: Iterable[str], variant: str | None = None) -> dict[str, MLLM]:
@@ -216,6 +218,33 @@ def describe_conflict(systems: Systems, modalities: tuple[str, ...], n: int | No
         out[mod] = {name: describe_families(generated_answers(model, items), mod, modalities)
                     for name, model in single_systems(systems, mod, modalities, naive).items()}
     return out
+
+
+def seed_table(seeds: Iterable[int], split: str = "MCUB-4", n: int | None = None, variant: str = "lora",
+               world_dir: str | Path | None = None, bench_dir: str | Path | None = None) -> pd.DataFrame:
+    """Every single model and NaiveMC on ``split`` (option score) for each training seed of the source models.
+
+    Rows: seed, system, acc, ci_low, ci_high, n, plus ``gap_points`` (NaiveMC minus the
+    best single model of that seed, in points) on the NaiveMC rows.
+    """
+    from tqdm.auto import tqdm
+
+    mods = SPLITS[split]
+    test = load_benchmark(split, "test", bench_dir)[:n]
+    rows = []
+    seeds = list(seeds)
+    with tqdm(total=len(seeds) * (len(mods) + 1), desc=f"{split} per training seed") as bar:
+        for seed in seeds:
+            systems = Systems(variant, world_dir, seed=seed)
+            accs = {}
+            for name in [*(f"single:{m}" for m in mods), "naivemc"]:
+                r = evaluate_items(systems.build(name, mods), test, OPTION_SCORE)
+                accs[name] = r["acc"]
+                rows.append({"seed": seed, "system": name, "acc": r["acc"], "ci_low": r["ci95"][0],
+                             "ci_high": r["ci95"][1], "n": r["n"]})
+                bar.update()
+            rows[-1]["gap_points"] = 100 * (accs["naivemc"] - max(v for k, v in accs.items() if k != "naivemc"))
+    return pd.DataFrame(rows)
 
 
 def retention(single: dict[str, dict[str, dict]], system: str) -> float:

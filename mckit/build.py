@@ -144,6 +144,50 @@ def build_world(out: str | Path, config: BuildConfig | None = None, overwrite: b
     return record
 
 
+def train_replicas(world_dir: str | Path, seeds: list[int], variant: str = "lora", overwrite: bool = False) -> dict:
+    """Retrain every modality's stage 2 (``variant``) with other training seeds: ``models/{m}-{variant}-s{seed}``.
+
+    Same encoder, base LLM, stage-1 projector and settings as the world (``world.json``);
+    only the stage-2 seed (data order, LoRA init, dropout) differs, so the spread across
+    replicas is the training noise of the single-modality models. Returns and writes
+    ``replicas.json`` (held-out accuracies per replica, wall times).
+    """
+    from .checkpoint import load_mllm
+    from .zoo import load_base, load_world, model_dir_name, world_record
+
+    world_dir = Path(world_dir)
+    rec = world_record(world_dir)
+    cfg = BuildConfig(**{**rec["config"], "modalities": tuple(rec["config"]["modalities"])})
+    world, base_llm = load_world(world_dir), load_base(world_dir)
+    record_file = world_dir / "replicas.json"
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {"models": {}, "seconds": {}}
+    for seed in seeds:
+        if seed == 0:
+            raise ValueError("seed 0 is the world's own training seed; replicas need other seeds")
+    for mod in tqdm(cfg.modalities, desc="replicas"):
+        stage1 = load_mllm(world_dir / "models" / f"{mod}-stage1")
+        branch = stage1.branches[mod]
+        train = FeatureBank(branch, render_bank(mod, world, cfg.bank_per_entity, TRAIN_RENDER_SEED))
+        test = FeatureBank(branch, render_bank(mod, world, max(4, cfg.bank_per_entity // 4), TEST_RENDER_SEED))
+        for seed in seeds:
+            name = model_dir_name(mod, variant, seed)
+            start = time.perf_counter()
+            torch.manual_seed(seed)
+            model = MLLM(copy.deepcopy(base_llm), stage1.tokenizer, {mod: copy.deepcopy(branch)})
+            if variant == "lora":
+                add_lora(model, rank=cfg.lora_rank)
+            lr = cfg.full_lr if variant == "full" else cfg.lora_lr
+            train_stage2(model, mod, world, train, variant, cfg.stage2_steps, cfg.mllm_batch, lr, seed=seed)
+            save_mllm(model, world_dir / "models" / name, base_path=None if variant == "full" else world_dir / "base",
+                      overwrite=overwrite)
+            record["models"][name] = evaluate_single(model, world, mod, test, cfg.eval_items, cfg.seed)
+            record["seconds"][name] = round(time.perf_counter() - start, 1)
+    tmp = record_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(record_file)
+    return record
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("build-world", help="train the toy world's encoders, base LM and MLLMs")
     p.add_argument("--out", default="data/world", help="output directory (default: data/world)")
@@ -151,6 +195,15 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_run)
+
+
+def add_replicas_parser(sub) -> None:
+    p = sub.add_parser("build-seeds", help="retrain the stage-2 models with other training seeds (replicas)")
+    p.add_argument("--world", default="data/world", help="toy world directory (default: data/world)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--variant", default="lora", choices=["lora", "full"])
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=lambda args: train_replicas(args.world, args.seeds, args.variant, args.overwrite) and 0)
 
 
 def _run(args) -> int:

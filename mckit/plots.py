@@ -127,6 +127,17 @@ def plot_interference(table: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+def _ci_bars(ax, frame: pd.DataFrame, colours: list[str], chance: float | None) -> None:
+    """One bar per row (columns system, acc, ci_low, ci_high) with its 95% interval; chance dotted."""
+    ax.bar(range(len(frame)), frame["acc"], color=colours,
+           yerr=[frame["acc"] - frame["ci_low"], frame["ci_high"] - frame["acc"]], capsize=2)
+    if chance is not None:
+        ax.axhline(chance, color="k", ls=":", lw=1, label="chance")
+    ax.set_xticks(range(len(frame)), frame["system"], rotation=35, ha="right", fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+
+
 def plot_mcub(frame: pd.DataFrame, protocol: str) -> plt.Figure:
     """Bars with 95% CIs: accuracy of every system on every split under ``protocol``, chance marked.
 
@@ -139,12 +150,7 @@ def plot_mcub(frame: pd.DataFrame, protocol: str) -> plt.Figure:
         g = part[part["split"] == split].reset_index(drop=True)
         colours = ["tab:green" if s == "naivemc" else "tab:gray" if s.startswith("control") else "tab:blue"
                    for s in g["system"]]
-        ax.bar(range(len(g)), g["acc"], color=colours,
-               yerr=[g["acc"] - g["ci_low"], g["ci_high"] - g["acc"]], capsize=2)
-        ax.axhline(0.25, color="k", ls=":", lw=1, label="chance")
-        ax.set_xticks(range(len(g)), g["system"], rotation=35, ha="right", fontsize=7)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("accuracy")
+        _ci_bars(ax, g, colours, 0.25)
         ax.set_title(f"{split} ({protocol}, n={int(g['n'].iloc[0])}, 95% Wilson CI)", fontsize=10)
     fig.tight_layout()
     return fig
@@ -180,5 +186,90 @@ def plot_describe_conflict(conflict: dict[str, dict[str, dict[str, float]]]) -> 
     ax.set_ylabel('share of "describe it" answers')
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, 1.18))
+    fig.tight_layout()
+    return fig
+
+
+def plot_capability_items(items_by_task: dict[str, list], columns: int = 4) -> plt.Figure:
+    """Example images of each capability task, titled with the question and the gold answer.
+
+    items_by_task: ``{task: [CapabilityItem, ...]}`` (see :func:`mckit.capabilities.capability_items`).
+    """
+    rows = len(items_by_task)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.2 * rows), squeeze=False)
+    for r, (task, items) in enumerate(items_by_task.items()):
+        for c in range(columns):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(items):
+                it = items[c]
+                ax.imshow(np.transpose(it.image, (1, 2, 0)), interpolation="nearest")
+                question = it.prompt.split(" . ", 1)[1]
+                ax.set_title(f"{task}: {question}\n-> {it.answer}", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_zoo(frame: pd.DataFrame) -> plt.Figure:
+    """Heatmaps (one per regime): test accuracy of every system on every capability task and their mean.
+
+    frame: :func:`mckit.merge_bench.capability_frame` rows of one or more regimes.
+    """
+    regimes = list(dict.fromkeys(frame["regime"]))
+    fig, axes = plt.subplots(1, len(regimes), figsize=(5.2 * len(regimes), 0.36 * frame["system"].nunique() + 1.6),
+                             squeeze=False)
+    for ax, regime in zip(axes[0], regimes):
+        part = frame[frame["regime"] == regime]
+        grid = part.pivot_table(index="system", columns="task", values="acc", sort=False)
+        sns.heatmap(grid, ax=ax, vmin=0, vmax=1, cmap="viridis", annot=True, fmt=".2f", annot_kws={"fontsize": 7},
+                    cbar=ax is axes[0][-1])
+        ax.set_title(f"{regime} fine-tuning: test accuracy", fontsize=10)
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+    fig.tight_layout()
+    return fig
+
+
+def plot_lambda_curves(tables: dict[str, dict[str, dict]]) -> plt.Figure:
+    """Validation score against lambda for every method (one panel per table, e.g. per regime); chosen lambda dotted."""
+    fig, axes = plt.subplots(1, len(tables), figsize=(5 * len(tables), 3.4), squeeze=False)
+    for ax, (title, table) in zip(axes[0], tables.items()):
+        for name, row in table.items():
+            if row.get("val"):
+                lams = [float(k) for k in row["val"]]
+                line, = ax.plot(lams, list(row["val"].values()), marker="o", ms=3, label=name)
+                ax.axvline(row["lam"], color=line.get_color(), ls=":", lw=0.8)
+        ax.set_xlabel("lambda")
+        ax.set_ylabel("validation accuracy")
+        ax.set_title(title, fontsize=10)
+    axes[0][-1].legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_bars(frame: pd.DataFrame, title: str, chance: float | None = None) -> plt.Figure:
+    """Bars with 95% CIs, one per system (frame columns: system, acc, ci_low, ci_high)."""
+    fig, ax = plt.subplots(figsize=(0.55 * len(frame) + 2, 3.2))
+    colours = ["tab:gray" if s.startswith("single:") else "tab:green" if s == "naivemc" else "tab:blue"
+               for s in frame["system"]]
+    _ci_bars(ax, frame.reset_index(drop=True), colours, chance)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_seeds(frame: pd.DataFrame, title: str) -> plt.Figure:
+    """Accuracy of each system for every training seed (points) and their mean (bar).
+
+    frame: :func:`mckit.benchmark.seed_table` (columns seed, system, acc).
+    """
+    fig, ax = plt.subplots(figsize=(0.9 * frame["system"].nunique() + 2, 3.2))
+    sns.barplot(frame, x="system", y="acc", ax=ax, color="lightsteelblue", errorbar=None)
+    sns.stripplot(frame, x="system", y="acc", hue="seed", ax=ax, palette="dark:k", size=5, jitter=0.15)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_xlabel("")
+    ax.set_title(title, fontsize=10)
+    ax.legend(title="seed", fontsize=7, title_fontsize=8)
     fig.tight_layout()
     return fig

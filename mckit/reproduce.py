@@ -115,6 +115,23 @@ def mcub_table(table: dict[str, dict[str, dict]], protocol: str) -> list[str]:
     return lines
 
 
+def seed_section(rows: list[dict]) -> list[str]:
+    """Markdown: MCUB-4 option-score accuracy per system and training seed, with the spread across seeds."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    table = frame.pivot_table(index="system", columns="seed", values="acc", sort=False)
+    table.columns = [f"seed {c}" for c in table.columns]
+    table["spread"] = table.max(axis=1) - table.min(axis=1)
+    gaps = frame.dropna(subset=["gap_points"]) if "gap_points" in frame else frame.iloc[:0]
+    lines = ["", "### Across training seeds of the single-modality models (MCUB-4, option score)", ""]
+    lines += markdown(table, 3)
+    if len(gaps):
+        lines += ["", "NaiveMC minus the best single model, per seed (points): "
+                  + ", ".join(f"seed {int(r.seed)}: {r.gap_points:+.1f}" for r in gaps.itertuples()) + "."]
+    return lines
+
+
 def conflict_table(conflict: dict[str, dict[str, dict]]) -> list[str]:
     """Markdown: per modality and system, the share of "describe it" answers that follow each meaning."""
     lines = ["", '### Conflict or dilution? Whose meaning of "describe it" the answers follow', "",
@@ -123,6 +140,41 @@ def conflict_table(conflict: dict[str, dict[str, dict]]) -> list[str]:
         lines += [f"| {mod} | {name} | {r['own']:.2f} | {r['other']:.2f} | {r['invalid']:.2f} | {r['n']} |"
                   for name, r in by_system.items()]
     return lines
+
+
+def markdown(frame: "pd.DataFrame", digits: int = 2) -> list[str]:
+    """A DataFrame as Markdown table lines (index first; missing values left blank)."""
+    import pandas as pd
+
+    def cell(v) -> str:
+        if v is None or (isinstance(v, float) and pd.isna(v)):
+            return ""
+        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+    lines = ["| | " + " | ".join(map(str, frame.columns)) + " |", "|---" * (len(frame.columns) + 1) + "|"]
+    lines += [f"| {idx} | " + " | ".join(cell(v) for v in row) + " |" for idx, row in zip(frame.index, frame.values)]
+    return lines
+
+
+def zoo_section(zoo: dict) -> list[str]:
+    """REPORT.md: the merging benchmark beside the paper (capabilities, rank ratio, modality merging)."""
+    from . import merge_bench
+
+    lines = ["## The merging-algorithm zoo (capability experts, test items, exact match)", "",
+             f"Mean accuracy (%) over the five capability tasks ({zoo['n_test_per_task']} test items per task; "
+             f"lambda chosen on {zoo['n_val_per_task']} validation items per task). Paper: "
+             + "; ".join(f"{r}: {m}" for r, m in merge_bench.PAPER["capabilities_models"].items()) + ".", ""]
+    lines += markdown(merge_bench.capability_summary(zoo["capabilities"]))
+    for regime, table in zoo["capabilities"].items():
+        lines += ["", f"Per task, {regime} fine-tuning:", ""]
+        lines += markdown(merge_bench.mean_row(merge_bench.capability_frame(table, regime)), 3)
+    if zoo.get("rank_ratio"):
+        lines += ["", "### OptMerge rank ratio (full fine-tuning, mean %)", ""]
+        lines += markdown(merge_bench.rank_summary(zoo["rank_ratio"]))
+    lines += ["", f"### Modality merging ({zoo['modality_variant']} models, {merge_bench.MODALITY_SPLIT}, "
+                  "option score, %; paper: mean of MUSIC-AVQA and AVQA)", ""]
+    lines += markdown(merge_bench.modality_summary(zoo["modalities"]))
+    return lines + [""]
 
 
 def report(results: dict) -> str:
@@ -141,12 +193,16 @@ def report(results: dict) -> str:
         for name, value in results["retention"].items():
             paper = PAPER["retention"].get(name, {})
             lines.append(f"| {name} | {value:.3f} | {paper.get('accuracies', '')} | {paper.get('scores', '')} |")
+        if "mcub_seeds" in results:
+            lines += seed_section(results["mcub_seeds"])
         if "describe_conflict" in results:
             lines += conflict_table(results["describe_conflict"])
         t = results["throughput"]
         lines += ["", f"Fast path {t['fast_items_per_s']:.0f} items/s vs generate {t['generate_items_per_s']:.0f} "
                       f"items/s ({t['speedup']:.1f}x; agreement {t['agreement']:.3f} on {t['n']} items, "
                       f"device {results.get('device', 'cpu')}).", ""]
+    if "zoo" in results:
+        lines += zoo_section(results["zoo"])
     lines += ["## Single-modality MLLMs of the toy world (held-out renders, exact match, 95% Wilson CI)", "",
               "| modality | variant | task | acc | 95% CI | n | chance |", "|---|---|---|---|---|---|---|"]
     for mod, variants in results["world_models"].items():

@@ -64,14 +64,33 @@ def load_text_model(path: str | Path | None = None) -> MLLM:
     return MLLM(load_base(path), load_tokenizer(path), {}).eval()
 
 
-def load_model(modality: str, variant: str = "full", path: str | Path | None = None) -> MLLM:
-    """One single-modality MLLM of the shipped world: ``variant`` in stage1 | frozen | lora | full."""
+def model_dir_name(modality: str, variant: str, seed: int = 0) -> str:
+    """``{modality}-{variant}`` for the world's own training seed (0), ``{modality}-{variant}-s{seed}`` otherwise."""
+    return f"{modality}-{variant}" if seed == 0 else f"{modality}-{variant}-s{seed}"
+
+
+def load_model(modality: str, variant: str = "full", path: str | Path | None = None, seed: int = 0) -> MLLM:
+    """One single-modality MLLM of the shipped world: ``variant`` in stage1 | frozen | lora | full.
+
+    ``seed`` > 0 picks a stage-2 replica trained with another seed (``python -m mckit build-seeds``).
+    """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
-    ckpt = _dir(path) / "models" / f"{modality}-{variant}"
+    ckpt = _dir(path) / "models" / model_dir_name(modality, variant, seed)
     if not ckpt.is_dir():
-        raise FileNotFoundError(f"no {variant} model for modality {modality!r} at {ckpt}")
+        hint = " (build it with `python -m mckit build-seeds`)" if seed else ""
+        raise FileNotFoundError(f"no {variant} model for modality {modality!r} and seed {seed} at {ckpt}{hint}")
     return load_mllm(ckpt)
+
+
+def replica_seeds(variant: str = "lora", path: str | Path | None = None) -> list[int]:
+    """Training seeds with a complete set of ``variant`` models in the world: 0 and every built replica."""
+    models = _dir(path) / "models"
+    seeds = {0}
+    for d in models.glob(f"*-{variant}-s*"):
+        seeds.add(int(d.name.rsplit("-s", 1)[1]))
+    mods = {d.name.split("-")[0] for d in models.glob(f"*-{variant}")}
+    return sorted(s for s in seeds if all((models / model_dir_name(m, variant, s)).is_dir() for m in mods))
 
 
 def lora_deltas(model: MLLM) -> dict[str, torch.Tensor]:

@@ -62,3 +62,21 @@ def test_pretraining_updates_a_frozen_branch_encoder(world):
     after = branch.encoder.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert not any(p.requires_grad for p in branch.encoder.parameters())
+
+
+def test_replicas_retrain_stage2_with_other_seeds(tmp_path):
+    from mckit.build import train_replicas
+
+    out = tmp_path / "world"
+    build_world(out, micro())
+    record = train_replicas(out, [1])
+    assert set(record["models"]) == {"point-lora-s1"} and (out / "replicas.json").is_file()
+    assert zoo.replica_seeds("lora", out) == [0, 1] and zoo.replica_seeds("full", out) == [0]
+    base = zoo.load_base(out)
+    own, replica = (zoo.task_vector(zoo.load_model("point", "lora", out, seed=s), base) for s in (0, 1))
+    name = next(iter(own))
+    assert not torch.allclose(own[name], replica[name])  # another seed, another model
+    with pytest.raises(ValueError, match="seed 0 is the world's own"):
+        train_replicas(out, [0])
+    with pytest.raises(FileNotFoundError, match="build-seeds"):
+        zoo.load_model("point", "lora", out, seed=7)

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from mckit.mcub import SPLITS, MCUBError, load_benchmark, load_split, mcub_examples, parse_options
-from mckit.tasks import FAMILIES, LETTERS, combo_split, commonality, Slots
-from mckit.world import MODALITIES
+from mckit.tasks import LETTERS, combo_split, commonality, Slots
 
 
 def test_schema_round_trip(bench):

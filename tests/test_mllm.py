@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from mckit.checkpoint import CheckpointError, load_mllm, save_mllm
-from mckit.mllm import build_batch, split_prompt
+from mckit.mllm import split_prompt
 from mckit.render import render
 from mckit.tasks import chat
 from mckit.train import add_lora, make_llm

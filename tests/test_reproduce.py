@@ -29,3 +29,12 @@ def test_notebooks_get_an_absolute_out(tmp_path, monkeypatch):
     mcub = next(p for s, p in seen.items() if s.endswith("06_mcub.ipynb"))
     assert mcub["OUT"].startswith("/") and mcub["OUT"].endswith("relative/parts")
     assert all(p["MODE"] == "smoke" for p in seen.values())
+
+
+def test_seed_section_reports_spread_and_gaps():
+    rows = [{"seed": s, "system": name, "acc": acc, "ci_low": 0, "ci_high": 1, "n": 10}
+            for s, accs in {0: (0.4, 0.7), 1: (0.5, 0.6)}.items() for name, acc in zip(("single:image", "naivemc"), accs)]
+    rows[1]["gap_points"], rows[3]["gap_points"] = 30.0, 10.0
+    text = "\n".join(reproduce.seed_section(rows))
+    assert "| single:image | 0.400 | 0.500 | 0.100 |" in text
+    assert "seed 0: +30.0, seed 1: +10.0" in text

@@ -1,0 +1,271 @@
+"""The merging-algorithm benchmark of the OptMerge paper, on the toy world.
+
+Two tables, as in the paper (METHODS.md 6):
+
+- **capabilities**: five experts fine-tuned from one base MLLM on the five
+  capability tasks of :mod:`mckit.capabilities` (full fine-tuning and LoRA),
+  merged by every method; beside them the base, each expert and a multi-task
+  model (the upper bound).
+- **modalities**: the world's image, audio and video models (one LLM base)
+  merged by every method and evaluated on MCUB-3 image-audio-video (option
+  scoring), beside each single model and NaiveMC.
+
+Every method's global lambda is chosen on a validation split from the paper's
+grid {0.1, 0.3, 0.5, 0.7, 1.0, 1.5} (never on test); weight averaging has no
+lambda. Every method here is linear in lambda (theta_0 + lambda * X, X fixed by
+the task vectors; ``tests/test_merge_bench.py`` checks it), so X is computed
+once per method and scaled for each grid value. Only the LLM's 2-D linear
+weights are merged; everything else comes from the base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from . import compose, zoo
+from .capabilities import TASKS
+from .evaluate import OPTION_SCORE, evaluate_items
+from .experts import MULTITASK, eval_items, evaluate_capabilities, load_expert
+from .mllm import MLLM
+
+LAMBDAS = (0.1, 0.3, 0.5, 0.7, 1.0, 1.5)
+#: Benchmark methods: display name -> (function of :mod:`mckit.merging`, options). The paper's settings:
+#: TIES keeps 20% (per tensor), DARE drops 20% (seeded), TIES+DARE elects signs on the DARE'd vectors.
+METHODS: dict[str, tuple[str, dict]] = {
+    "weight_average": ("average", {}),
+    "task_arithmetic": ("task_arithmetic", {}),
+    "ties": ("ties", {"keep": 0.2}),
+    "ta_dare": ("dare_ta", {"drop": 0.2, "seed": 0}),
+    "ties_dare": ("dare_ties", {"drop": 0.2, "seed": 0}),
+    "tsv_m": ("tsv", {}),
+    "iso_c": ("iso_c", {}),
+    "wudi": ("wudi", {}),
+    "optmerge": ("optmerge", {}),
+}
+#: Methods without a lambda.
+NO_LAMBDA = ("weight_average",)
+#: OptMerge rank-ratio ablation (k as a fraction of min(m, d)), as in the paper.
+RANK_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+def method_spec(name: str, regime: str) -> tuple[str, dict]:
+    """The merging function and options of benchmark method ``name`` (OptMerge has a LoRA variant)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown benchmark method {name!r}; expected one of {tuple(METHODS)}")
+    fn, options = METHODS[name]
+    if name == "optmerge" and regime == "lora":
+        fn = "optmerge_lora"
+    return fn, dict(options)
+
+
+def direction(taus: list[dict[str, torch.Tensor]], base: torch.nn.Module, name: str, regime: str,
+              **extra) -> dict[str, torch.Tensor]:
+    """X per weight: the merged delta at lambda = 1 (weight average: its delta, used as is)."""
+    fn, options = method_spec(name, regime)
+    return compose.method_deltas(taus, base, fn, **options, **extra)
+
+
+def scaled_model(base_mllm: MLLM, deltas: dict[str, torch.Tensor], lam: float) -> MLLM:
+    """theta_0 + lam * X with ``base_mllm``'s branches (the base's vision side)."""
+    llm = compose.add_deltas(base_mllm.llm, {k: lam * v for k, v in deltas.items()})
+    return MLLM(llm, base_mllm.tokenizer, dict(base_mllm.branches)).eval()
+
+
+def choose_lambda(build: Callable[[float], MLLM], score: Callable[[MLLM], float],
+                  grid: Iterable[float] = LAMBDAS) -> tuple[float, dict[float, float]]:
+    """The grid value with the best validation ``score`` (ties: the smaller lambda) and every score."""
+    scores = {lam: score(build(lam)) for lam in grid}
+    return max(scores, key=lambda lam: (scores[lam], -lam)), scores
+
+
+def _bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc)
+
+
+# --------------------------------------------------------------------------- capability experts
+
+def capability_table(regime: str, n_val: int = 40, n_test: int = 200, methods: Iterable[str] = METHODS,
+                     experts_dir: str | Path | None = None, world_dir: str | Path | None = None) -> dict[str, dict]:
+    """``{system: {"test": {task: result, "mean": ...}, "lam", "val"}}`` for one regime (full | lora).
+
+    Systems: ``base``, ``expert:{task}``, ``multitask``, and every method. ``n_val``
+    / ``n_test`` are items per task.
+    """
+    world = zoo.load_world(world_dir)
+    val, test = eval_items(world, "val", n_val), eval_items(world, "test", n_test)
+    base = load_expert("base", regime, experts_dir)
+    experts = [load_expert(t, regime, experts_dir) for t in TASKS]
+    taus = [zoo.task_vector(e, base.llm) for e in experts]
+    methods = list(methods)
+    out: dict[str, dict] = {}
+    with _bar(len(TASKS) + 2 + len(methods), f"capabilities ({regime})") as bar:
+        for name, model in [("base", base), *((f"expert:{t}", e) for t, e in zip(TASKS, experts)),
+                            ("multitask", load_expert(MULTITASK, regime, experts_dir))]:
+            out[name] = {"test": evaluate_capabilities(model, test)}
+            bar.update()
+        for name in methods:
+            bar.set_postfix_str(name)
+            out[name] = _merged_row(base, direction(taus, base.llm, name, regime), name in NO_LAMBDA,
+                                    lambda m: evaluate_capabilities(m, val)["mean"]["acc"],
+                                    lambda m: evaluate_capabilities(m, test))
+            bar.update()
+    return out
+
+
+def _merged_row(base: MLLM, deltas: dict[str, torch.Tensor], fixed: bool, val_score: Callable[[MLLM], float],
+                test_result: Callable[[MLLM], dict]) -> dict:
+    """One method's row: lambda chosen on validation (unless ``fixed``), then the test result at that lambda."""
+    if fixed:
+        lam, scores = 1.0, {}
+    else:
+        lam, scores = choose_lambda(lambda lam: scaled_model(base, deltas, lam), val_score)
+    return {"lam": lam, "val": {str(k): v for k, v in scores.items()}, "test": test_result(scaled_model(base, deltas, lam))}
+
+
+def rank_ablation(regime: str = "full", ratios: Iterable[float] = RANK_RATIOS, n_val: int = 40, n_test: int = 200,
+                  experts_dir: str | Path | None = None, world_dir: str | Path | None = None) -> dict[str, dict]:
+    """OptMerge with k = ratio * min(m, d) instead of min(m, d) // n: ``{ratio: row}`` (lambda on validation)."""
+    world = zoo.load_world(world_dir)
+    val, test = eval_items(world, "val", n_val), eval_items(world, "test", n_test)
+    base = load_expert("base", regime, experts_dir)
+    taus = [zoo.task_vector(load_expert(t, regime, experts_dir), base.llm) for t in TASKS]
+    out = {}
+    ratios = list(ratios)
+    with _bar(len(ratios), f"OptMerge rank ratio ({regime})") as bar:
+        for ratio in ratios:
+            deltas = direction(taus, base.llm, "optmerge", regime, rank_ratio=ratio)
+            out[str(ratio)] = _merged_row(base, deltas, False, lambda m: evaluate_capabilities(m, val)["mean"]["acc"],
+                                          lambda m: evaluate_capabilities(m, test))
+            bar.update()
+    return out
+
+
+def capability_frame(table: dict[str, dict], regime: str) -> pd.DataFrame:
+    """Long table: regime, system, task (five tasks and "mean"), acc, lam."""
+    rows = [{"regime": regime, "system": name, "task": task, "acc": r["acc"], "lam": row.get("lam")}
+            for name, row in table.items() for task, r in row["test"].items()]
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- modality merging
+
+#: The modality-merging setting: image, audio and video experts, evaluated on MCUB-3 image-audio-video.
+MODALITY_SPLIT = "MCUB-3-image-audio-video"
+
+
+def modality_table(variant: str = "full", n_val: int = 100, n_test: int | None = None,
+                   methods: Iterable[str] = METHODS, world_dir: str | Path | None = None,
+                   bench_dir: str | Path | None = None) -> dict[str, dict]:
+    """The world's image/audio/video models merged by every method: ``{system: {"test": result, "lam", "val"}}``.
+
+    Evaluated with option scoring on MCUB-3 image-audio-video (lambda on its
+    validation items). ``single:m`` sees only its own input; ``naivemc`` is
+    theta_0 + mean tau (for full fine-tuning it equals weight averaging).
+    """
+    from .benchmark import Systems
+    from .mcub import SPLITS, load_benchmark
+
+    mods = SPLITS[MODALITY_SPLIT]
+    systems = Systems(variant, world_dir)
+    sources = systems.sources(mods)
+    val = load_benchmark(MODALITY_SPLIT, "val", bench_dir)[:n_val]
+    test = load_benchmark(MODALITY_SPLIT, "test", bench_dir)[:n_test]
+    taus = [zoo.task_vector(m, systems.base) for m in sources.values()]
+    composed = compose.with_llm(systems.base, sources)  # base LLM, every branch
+    methods = list(methods)
+    out: dict[str, dict] = {}
+    with _bar(len(mods) + 1 + len(methods), f"modality merging ({variant})") as bar:
+        for mod in mods:
+            out[f"single:{mod}"] = {"test": evaluate_items(sources[mod], test, OPTION_SCORE)}
+            bar.update()
+        out["naivemc"] = {"test": evaluate_items(compose.naivemc(sources, systems.base), test, OPTION_SCORE)}
+        bar.update()
+        for name in methods:
+            bar.set_postfix_str(name)
+            out[name] = _merged_row(composed, direction(taus, systems.base, name, variant), name in NO_LAMBDA,
+                                    lambda m: evaluate_items(m, val, OPTION_SCORE)["acc"],
+                                    lambda m: evaluate_items(m, test, OPTION_SCORE))
+            bar.update()
+    return out
+
+
+def modality_frame(table: dict[str, dict]) -> pd.DataFrame:
+    """Rows: system, acc, ci_low, ci_high, n, lam."""
+    return pd.DataFrame([{"system": name, "acc": row["test"]["acc"], "ci_low": row["test"]["ci95"][0],
+                          "ci_high": row["test"]["ci95"][1], "n": row["test"]["n"], "lam": row.get("lam")}
+                         for name, row in table.items()])
+
+
+def gain_over(frame: pd.DataFrame, reference: str, system: str = "optmerge") -> float:
+    """Mean-accuracy points of ``system`` over ``reference`` in a :func:`capability_frame`."""
+    mean = frame[frame["task"] == "mean"].set_index("system")["acc"]
+    return float(100 * (mean[system] - mean[reference]))
+
+
+def lambda_linearity_error(taus: list[dict[str, torch.Tensor]], base: torch.nn.Module, name: str, regime: str,
+                           lam: float = 0.5) -> float:
+    """max |method(lam) - lam * method(1)| over weights: 0 when the method is linear in lambda."""
+    fn, options = method_spec(name, regime)
+    one = compose.method_deltas(taus, base, fn, **options)
+    at = compose.method_deltas(taus, base, fn, **options, lam=lam)
+    return float(max((at[k] - lam * one[k]).abs().max() for k in one)) if one else 0.0
+
+
+def mean_row(frame: pd.DataFrame) -> pd.DataFrame:
+    """Systems x tasks accuracy table (with the mean) from a :func:`capability_frame`."""
+    table = frame.pivot_table(index="system", columns="task", values="acc", sort=False)
+    return table[[*TASKS, "mean"]]
+
+
+#: The paper's reported averages (%, METHODS.md 6), keyed like the kit's systems, to show beside the kit's.
+PAPER = {
+    "capabilities": {
+        "full": {"base": 53.66, "weight_average": 49.12, "task_arithmetic": 56.18, "ties": 56.70, "ta_dare": 56.50,
+                 "ties_dare": 56.76, "tsv_m": 54.37, "iso_c": 54.78, "wudi": 57.00, "optmerge": 57.44,
+                 "multitask": 57.66},
+        "lora": {"base": 21.82, "weight_average": 60.55, "task_arithmetic": 60.29, "ties": 61.24, "ta_dare": 60.32,
+                 "ties_dare": 61.88, "tsv_m": 60.63, "iso_c": 26.69, "wudi": 58.65, "optmerge": 63.30,
+                 "multitask": 62.23},
+    },
+    "capabilities_models": {"full": "InternVL2.5-1B, full fine-tuning", "lora": "Qwen2-VL-7B, LoRA"},
+    "modalities": {"single:image": 63.16, "single:audio": 37.75, "single:video": 64.11, "weight_average": 58.57,
+                   "task_arithmetic": 65.38, "ties": 63.10, "tsv_m": 67.34, "iso_c": 65.14, "wudi": 64.65,
+                   "optmerge": 67.00, "naivemc": 66.88},
+    "rank_ratio": {"0.1": 56.93, "0.2": 57.43, "0.3": 56.63, "0.4": 54.22, "0.5": 52.98},
+}
+
+
+def beside_paper(kit: dict[str, float], paper: dict[str, float]) -> pd.DataFrame:
+    """Rows: system; columns: the kit's accuracy (%) and the paper's, for systems either reports."""
+    names = list(dict.fromkeys([*kit, *paper]))
+    return pd.DataFrame({"kit": [round(100 * kit[n], 2) if n in kit else None for n in names],
+                         "paper": [paper.get(n) for n in names]}, index=names)
+
+
+def capability_summary(tables: dict[str, dict[str, dict]]) -> pd.DataFrame:
+    """Mean test accuracy (%) of every system per regime, beside the paper's average and its chosen lambda."""
+    parts = []
+    for regime, table in tables.items():
+        kit = {name: row["test"]["mean"]["acc"] for name, row in table.items()}
+        side = beside_paper(kit, PAPER["capabilities"][regime])
+        side["lambda"] = [table[n].get("lam") if n in table else None for n in side.index]
+        parts.append(side.add_prefix(f"{regime}: "))
+    return pd.concat(parts, axis=1)
+
+
+def rank_summary(ablation: dict[str, dict]) -> pd.DataFrame:
+    """OptMerge's mean test accuracy (%) per rank ratio, beside the paper's ablation."""
+    return beside_paper({r: row["test"]["mean"]["acc"] for r, row in ablation.items()}, PAPER["rank_ratio"])
+
+
+def modality_summary(table: dict[str, dict]) -> pd.DataFrame:
+    """MCUB-3 image-audio-video accuracy (%) of every system, beside the paper's average over MUSIC-AVQA and AVQA."""
+    side = beside_paper({n: row["test"]["acc"] for n, row in table.items()}, PAPER["modalities"])
+    side["lambda"] = [table[n].get("lam") if n in table else None for n in side.index]
+    return side
