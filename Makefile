@@ -24,7 +24,7 @@ test: $(STAMP)
 world: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m mckit build-world --out data/world --overwrite
 
-# Stage-2 replicas of the world's LoRA models with training seeds 1 and 2 (about 9 min).
+# Stage-2 replicas of the world's LoRA models with training seeds 1 and 2 (about 6 min).
 seeds: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m mckit build-seeds --world data/world --seeds 1 2 --overwrite
 
