@@ -224,6 +224,7 @@ def plot_zoo(frame: pd.DataFrame) -> plt.Figure:
         sns.heatmap(grid, ax=ax, vmin=0, vmax=1, cmap="viridis", annot=True, fmt=".2f", annot_kws={"fontsize": 7},
                     cbar=ax is axes[0][-1])
         ax.set_title(f"{regime} fine-tuning: test accuracy", fontsize=10)
+        ax.tick_params(axis="x", rotation=45)
         ax.set_xlabel("")
         ax.set_ylabel("")
     fig.tight_layout()
