@@ -65,8 +65,8 @@ class ExpertsConfig:
         if name == "full":
             return cls()
         if name == "smoke":
-            return cls(encoder_steps=20, encoder_batch=32, stage1_steps=10, base_steps=6, expert_steps=8, multitask_steps=8,
-                       batch=8, eval_items=8)
+            return cls(encoder_steps=20, encoder_batch=32, stage1_steps=10, base_steps=6, expert_steps=8,
+                       multitask_steps=8, batch=8, eval_items=8)
         raise ValueError(f"unknown preset {name!r}; expected 'full' or 'smoke'")
 
 

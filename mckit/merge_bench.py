@@ -125,7 +125,8 @@ def _merged_row(base: MLLM, deltas: dict[str, torch.Tensor], fixed: bool, val_sc
         lam, scores = 1.0, {}
     else:
         lam, scores = choose_lambda(lambda lam: scaled_model(base, deltas, lam), val_score)
-    return {"lam": lam, "val": {str(k): v for k, v in scores.items()}, "test": test_result(scaled_model(base, deltas, lam))}
+    return {"lam": lam, "val": {str(k): v for k, v in scores.items()},
+            "test": test_result(scaled_model(base, deltas, lam))}
 
 
 def rank_ablation(regime: str = "full", ratios: Iterable[float] = RANK_RATIOS, n_val: int = 40, n_test: int = 200,
