@@ -270,3 +270,29 @@ def modality_summary(table: dict[str, dict]) -> pd.DataFrame:
     side = beside_paper({n: row["test"]["acc"] for n, row in table.items()}, PAPER["modalities"])
     side["lambda"] = [table[n].get("lam") if n in table else None for n in side.index]
     return side
+
+
+def optimisation_check(regime: str = "full", weight: str = "model.layers.1.mlp.down_proj.weight",
+                       lrs: Iterable[float] = (1e-5, 1e-4, 1e-3), experts_dir: str | Path | None = None
+                       ) -> pd.DataFrame:
+    """How far WUDI's and OptMerge's optimisation gets on one weight of the experts, per learning rate.
+
+    Rows: method, lr, loss at the start and after the paper's 300 steps, and
+    ||X - X_init|| / ||X_init|| (how far X moved from its initial value).
+    """
+    from . import merging
+
+    base = load_expert("base", regime, experts_dir)
+    taus = [zoo.task_vector(load_expert(t, regime, experts_dir), base.llm)[weight] for t in TASKS]
+    theta_0 = base.llm.state_dict()[weight].float()
+    thetas = [theta_0 + t for t in taus]
+    rows = []
+    for name in ("wudi", "optmerge"):
+        fn = merging.METHODS[method_spec(name, regime)[0]]
+        init = torch.stack(taus).sum(0) if fn is not merging.optmerge_lora else torch.stack(taus).mean(0)
+        for lr in lrs:
+            losses: list[float] = []
+            X = fn(theta_0, thetas, lr=lr, losses=losses) - theta_0
+            rows.append({"method": name, "lr": lr, "loss_start": losses[0], "loss_end": losses[-1],
+                         "moved": float((X - init).norm() / init.norm())})
+    return pd.DataFrame(rows)

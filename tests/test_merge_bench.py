@@ -105,3 +105,10 @@ def test_report_section_shows_kit_beside_paper(smoke_experts):
     assert f"| optmerge | {kit:.2f} | 63.30 |" in text
     assert "| iso_c |  | 26.69 |" in text  # reported by the paper only: blank on the kit's side
     assert "| naivemc |" in text and "66.88" in text
+
+
+def test_optimisation_check_moves_further_with_a_larger_lr(smoke_experts):
+    table = merge_bench.optimisation_check("full", lrs=(1e-5, 1e-3), experts_dir=smoke_experts)
+    for _, rows in table.groupby("method"):
+        assert (rows["loss_end"] < rows["loss_start"]).all()
+        assert rows["moved"].iloc[1] > rows["moved"].iloc[0]
