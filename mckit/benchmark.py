@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from . import compose, zoo
-from .evaluate import (LETTER, OPTION_SCORE, evaluate_items, evaluate_open, first_token_answers,
+from .evaluate import (LETTER, OPTION_SCORE, evaluate_items, exact_match_by_task, first_token_answers,
                        generated_answers)
 from .mcub import SPLITS, MCUBItem, load_benchmark
 from .mllm import MLLM
@@ -56,9 +56,8 @@ class Systems:
 
     def build(self, name: str, modalities: tuple[str, ...], lam: float | None = None) -> MLLM:
         """The system called ``name`` over ``modalities`` (see the module docstring), on ``self.device``."""
-        kind, _, arg = name.partition(":")
-        if kind == "single":
-            model = self.model(name.split(":")[1])
+        if name.startswith("single:"):
+            model = self.model(name.removeprefix("single:"))
         elif name == "frozen":
             model = compose.frozen_compose(self.sources(modalities, "stage1"), self.base)
         elif name == "naivemc":
@@ -66,9 +65,11 @@ class Systems:
         elif name == "task_arithmetic":
             model = compose.task_arithmetic_compose(self.sources(modalities), self.base, lam)
         elif name.startswith("control:dilution:"):
-            model = compose.dilution_control(self.model(name.split(":")[2]), self.base, len(modalities))
+            model = compose.dilution_control(self.model(name.removeprefix("control:dilution:")), self.base,
+                                             len(modalities))
         elif name.startswith("control:all_projectors:"):
-            model = compose.all_projectors_control(self.model(name.split(":")[2]), self.sources(modalities))
+            model = compose.all_projectors_control(self.model(name.removeprefix("control:all_projectors:")),
+                                                   self.sources(modalities))
         elif name == "control:frozen_stage2":
             model = compose.frozen_compose(self.sources(modalities, "frozen"), self.base)
         else:
@@ -172,22 +173,28 @@ def headline(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def single_systems(systems: Systems, modality: str, modalities: tuple[str, ...], naive: MLLM) -> dict[str, MLLM]:
-    """The systems compared on ``modality``'s own tasks: the original model, NaiveMC, the dilution control."""
-    return {"original": systems.build(f"single:{modality}", modalities), "naivemc": naive,
-            "control:dilution": systems.build(f"control:dilution:{modality}", modalities)}
+def single_answers(systems: Systems, modalities: tuple[str, ...], n: int | None = None,
+                   bench_dir: str | Path | None = None) -> dict[str, dict]:
+    """Greedy answers on each modality's own test items (the first ``n``), once per compared system.
 
-
-def single_task_results(systems: Systems, modalities: tuple[str, ...], n: int | None = None,
-                        bench_dir: str | Path | None = None) -> dict[str, dict[str, dict]]:
-    """``{modality: {system: {task: result}}}`` for the systems of :func:`single_systems`."""
+    ``{modality: {"items": [...], "answers": {system: [...]}}}`` for the original
+    model, NaiveMC and the dilution control; :func:`single_task_results` and
+    :func:`describe_conflict` score them.
+    """
     naive = systems.build("naivemc", modalities)
-    out: dict[str, dict[str, dict]] = {}
+    out: dict[str, dict] = {}
     for mod in modalities:
         items = load_benchmark(f"single/{mod}", "test", bench_dir)[:n]
-        out[mod] = {name: evaluate_open(model, items)
-                    for name, model in single_systems(systems, mod, modalities, naive).items()}
+        models = {"original": systems.build(f"single:{mod}", modalities), "naivemc": naive,
+                  "control:dilution": systems.build(f"control:dilution:{mod}", modalities)}
+        out[mod] = {"items": items, "answers": {name: generated_answers(m, items) for name, m in models.items()}}
     return out
+
+
+def single_task_results(answers: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """``{modality: {system: {task: result}}}``: exact match of :func:`single_answers` per task."""
+    return {mod: {name: exact_match_by_task(a, part["items"]) for name, a in part["answers"].items()}
+            for mod, part in answers.items()}
 
 
 def describe_families(answers: list[str], modality: str, modalities: tuple[str, ...]) -> dict[str, float]:
@@ -208,15 +215,13 @@ def describe_families(answers: list[str], modality: str, modalities: tuple[str, 
     return {**{k: v / n for k, v in counts.items()}, "n": n}
 
 
-def describe_conflict(systems: Systems, modalities: tuple[str, ...], n: int | None = None,
-                      bench_dir: str | Path | None = None) -> dict[str, dict[str, dict[str, float]]]:
-    """``{modality: {system: describe_families(...)}}`` on each modality's "describe it" test items."""
-    naive = systems.build("naivemc", modalities)
+def describe_conflict(answers: dict[str, dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{modality: {system: describe_families(...)}}`` on the "describe it" items of :func:`single_answers`."""
+    mods = tuple(answers)
     out: dict[str, dict[str, dict[str, float]]] = {}
-    for mod in modalities:
-        items = [it for it in load_benchmark(f"single/{mod}", "test", bench_dir)[:n] if it.task == "describe"]
-        out[mod] = {name: describe_families(generated_answers(model, items), mod, modalities)
-                    for name, model in single_systems(systems, mod, modalities, naive).items()}
+    for mod, part in answers.items():
+        keep = [i for i, it in enumerate(part["items"]) if it.task == "describe"]
+        out[mod] = {name: describe_families([a[i] for i in keep], mod, mods) for name, a in part["answers"].items()}
     return out
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, atomic_write_text
 from .checkpoint import save_mllm
 from .encoders import pretrain_encoder, probe_accuracy
 from .evaluate import predict, score
@@ -155,15 +155,14 @@ def train_replicas(world_dir: str | Path, seeds: list[int], variant: str = "lora
     from .checkpoint import load_mllm
     from .zoo import load_base, load_world, model_dir_name, world_record
 
+    if 0 in seeds:
+        raise ValueError("seed 0 is the world's own training seed; replicas need other seeds")
     world_dir = Path(world_dir)
     rec = world_record(world_dir)
     cfg = BuildConfig(**{**rec["config"], "modalities": tuple(rec["config"]["modalities"])})
     world, base_llm = load_world(world_dir), load_base(world_dir)
     record_file = world_dir / "replicas.json"
     record = json.loads(record_file.read_text()) if record_file.is_file() else {"models": {}, "seconds": {}}
-    for seed in seeds:
-        if seed == 0:
-            raise ValueError("seed 0 is the world's own training seed; replicas need other seeds")
     for mod in tqdm(cfg.modalities, desc="replicas"):
         stage1 = load_mllm(world_dir / "models" / f"{mod}-stage1")
         branch = stage1.branches[mod]
@@ -182,9 +181,7 @@ def train_replicas(world_dir: str | Path, seeds: list[int], variant: str = "lora
                       overwrite=overwrite)
             record["models"][name] = evaluate_single(model, world, mod, test, cfg.eval_items, cfg.seed)
             record["seconds"][name] = round(time.perf_counter() - start, 1)
-    tmp = record_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(record_file)
+    atomic_write_text(record_file, json.dumps(record, indent=2))
     return record
 
 

@@ -174,10 +174,14 @@ def evaluate_items(model: MLLM, items: list[MCUBItem], protocol: str = LETTER, b
     return accuracy(letter_hits(answers, items), protocol)
 
 
-def evaluate_open(model: MLLM, items: list[MCUBItem], batch_size: int = 128, progress: bool = False) -> dict[str, dict]:
-    """Exact-match accuracy per task on open single-modality items (greedy ``generate``)."""
-    answers = generated_answers(model, items, batch_size, progress=progress)
+def exact_match_by_task(answers: list[str], items: list) -> dict[str, dict]:
+    """Exact-match accuracy per ``item.task``: ``{task: {"acc", "ci95", "n", "protocol"}}``."""
     by_task: dict[str, list[bool]] = defaultdict(list)
     for a, it in zip(answers, items):
         by_task[it.task].append(a == it.answer)
     return {t: accuracy(h, EXACT) for t, h in by_task.items()}
+
+
+def evaluate_open(model: MLLM, items: list[MCUBItem], batch_size: int = 128, progress: bool = False) -> dict[str, dict]:
+    """Exact-match accuracy per task on open single-modality items (greedy ``generate``)."""
+    return exact_match_by_task(generated_answers(model, items, batch_size, progress=progress), items)

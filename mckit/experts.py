@@ -35,7 +35,7 @@ from .atomic import atomic_dir
 from .capabilities import CHANCE, LABEL_CLASSES, TASKS, CapabilityItem, capability_items, mixed_items
 from .checkpoint import load_mllm, save_mllm
 from .encoders import ENC_DIM, ENC_TOKENS
-from .evaluate import EXACT, accuracy
+from .evaluate import EXACT, exact_match_by_task
 from .mllm import MLLM, Batch, Branch
 from .tasks import chat
 from .train import TEXT_SHARE, add_lora, fit, llm_trainable, mixed_examples
@@ -180,11 +180,8 @@ def capability_answers(model: MLLM, items: list[CapabilityItem], batch_size: int
 
 def evaluate_capabilities(model: MLLM, items: list[CapabilityItem]) -> dict[str, dict]:
     """Exact-match accuracy per task ``{task: {"acc", "ci95", "n", "protocol"}}`` plus ``"mean"`` over tasks."""
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for answer, item in zip(capability_answers(model, items), items):
-        hits[item.task].append(answer == item.answer)
-    out = {t: accuracy(h, EXACT) for t, h in hits.items()}
-    out["mean"] = {"acc": float(np.mean([r["acc"] for r in out.values()])), "n": sum(len(h) for h in hits.values()),
+    out = exact_match_by_task(capability_answers(model, items), items)
+    out["mean"] = {"acc": float(np.mean([r["acc"] for r in out.values()])), "n": sum(r["n"] for r in out.values()),
                    "protocol": EXACT}
     return out
 

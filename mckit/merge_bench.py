@@ -27,12 +27,12 @@ import pandas as pd
 import torch
 
 from . import compose, zoo
+from .benchmark import LAMBDAS, Systems
 from .capabilities import TASKS
 from .evaluate import OPTION_SCORE, evaluate_items
 from .experts import MULTITASK, eval_items, evaluate_capabilities, load_expert
 from .mllm import MLLM
 
-LAMBDAS = (0.1, 0.3, 0.5, 0.7, 1.0, 1.5)
 #: Benchmark methods: display name -> (function of :mod:`mckit.merging`, options). The paper's settings:
 #: TIES keeps 20% (per tensor), DARE drops 20% (seeded), TIES+DARE elects signs on the DARE'd vectors.
 METHODS: dict[str, tuple[str, dict]] = {
@@ -97,11 +97,7 @@ def capability_table(regime: str, n_val: int = 40, n_test: int = 200, methods: I
     Systems: ``base``, ``expert:{task}``, ``multitask``, and every method. ``n_val``
     / ``n_test`` are items per task.
     """
-    world = zoo.load_world(world_dir)
-    val, test = eval_items(world, "val", n_val), eval_items(world, "test", n_test)
-    base = load_expert("base", regime, experts_dir)
-    experts = [load_expert(t, regime, experts_dir) for t in TASKS]
-    taus = [zoo.task_vector(e, base.llm) for e in experts]
+    val, test, base, experts, taus = _capability_setup(regime, n_val, n_test, experts_dir, world_dir)
     methods = list(methods)
     out: dict[str, dict] = {}
     with _bar(len(TASKS) + 2 + len(methods), f"capabilities ({regime})") as bar:
@@ -111,11 +107,24 @@ def capability_table(regime: str, n_val: int = 40, n_test: int = 200, methods: I
             bar.update()
         for name in methods:
             bar.set_postfix_str(name)
-            out[name] = _merged_row(base, direction(taus, base.llm, name, regime), name in NO_LAMBDA,
-                                    lambda m: evaluate_capabilities(m, val)["mean"]["acc"],
-                                    lambda m: evaluate_capabilities(m, test))
+            out[name] = _capability_row(base, direction(taus, base.llm, name, regime), name in NO_LAMBDA, val, test)
             bar.update()
     return out
+
+
+def _capability_setup(regime: str, n_val: int, n_test: int, experts_dir, world_dir):
+    """Validation and test items (per task), the base MLLM, the five experts and their task vectors."""
+    world = zoo.load_world(world_dir)
+    base = load_expert("base", regime, experts_dir)
+    experts = [load_expert(t, regime, experts_dir) for t in TASKS]
+    taus = [zoo.task_vector(e, base.llm) for e in experts]
+    return eval_items(world, "val", n_val), eval_items(world, "test", n_test), base, experts, taus
+
+
+def _capability_row(base: MLLM, deltas: dict[str, torch.Tensor], fixed: bool, val: list, test: list) -> dict:
+    """:func:`_merged_row` scored on capability items: mean validation accuracy picks lambda."""
+    return _merged_row(base, deltas, fixed, lambda m: evaluate_capabilities(m, val)["mean"]["acc"],
+                       lambda m: evaluate_capabilities(m, test))
 
 
 def _merged_row(base: MLLM, deltas: dict[str, torch.Tensor], fixed: bool, val_score: Callable[[MLLM], float],
@@ -132,17 +141,13 @@ def _merged_row(base: MLLM, deltas: dict[str, torch.Tensor], fixed: bool, val_sc
 def rank_ablation(regime: str = "full", ratios: Iterable[float] = RANK_RATIOS, n_val: int = 40, n_test: int = 200,
                   experts_dir: str | Path | None = None, world_dir: str | Path | None = None) -> dict[str, dict]:
     """OptMerge with k = ratio * min(m, d) instead of min(m, d) // n: ``{ratio: row}`` (lambda on validation)."""
-    world = zoo.load_world(world_dir)
-    val, test = eval_items(world, "val", n_val), eval_items(world, "test", n_test)
-    base = load_expert("base", regime, experts_dir)
-    taus = [zoo.task_vector(load_expert(t, regime, experts_dir), base.llm) for t in TASKS]
+    val, test, base, _, taus = _capability_setup(regime, n_val, n_test, experts_dir, world_dir)
     out = {}
     ratios = list(ratios)
     with _bar(len(ratios), f"OptMerge rank ratio ({regime})") as bar:
         for ratio in ratios:
             deltas = direction(taus, base.llm, "optmerge", regime, rank_ratio=ratio)
-            out[str(ratio)] = _merged_row(base, deltas, False, lambda m: evaluate_capabilities(m, val)["mean"]["acc"],
-                                          lambda m: evaluate_capabilities(m, test))
+            out[str(ratio)] = _capability_row(base, deltas, False, val, test)
             bar.update()
     return out
 
@@ -169,7 +174,6 @@ def modality_table(variant: str = "full", n_val: int = 100, n_test: int | None =
     validation items). ``single:m`` sees only its own input; ``naivemc`` is
     theta_0 + mean tau (for full fine-tuning it equals weight averaging).
     """
-    from .benchmark import Systems
     from .mcub import SPLITS, load_benchmark
 
     mods = SPLITS[MODALITY_SPLIT]
@@ -203,12 +207,6 @@ def modality_frame(table: dict[str, dict]) -> pd.DataFrame:
                          for name, row in table.items()])
 
 
-def gain_over(frame: pd.DataFrame, reference: str, system: str = "optmerge") -> float:
-    """Mean-accuracy points of ``system`` over ``reference`` in a :func:`capability_frame`."""
-    mean = frame[frame["task"] == "mean"].set_index("system")["acc"]
-    return float(100 * (mean[system] - mean[reference]))
-
-
 def lambda_linearity_error(taus: list[dict[str, torch.Tensor]], base: torch.nn.Module, name: str, regime: str,
                            lam: float = 0.5) -> float:
     """max |method(lam) - lam * method(1)| over weights: 0 when the method is linear in lambda."""
@@ -218,7 +216,7 @@ def lambda_linearity_error(taus: list[dict[str, torch.Tensor]], base: torch.nn.M
     return float(max((at[k] - lam * one[k]).abs().max() for k in one)) if one else 0.0
 
 
-def mean_row(frame: pd.DataFrame) -> pd.DataFrame:
+def task_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Systems x tasks accuracy table (with the mean) from a :func:`capability_frame`."""
     table = frame.pivot_table(index="system", columns="task", values="acc", sort=False)
     return table[[*TASKS, "mean"]]

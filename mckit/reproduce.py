@@ -9,14 +9,12 @@ written atomically: a failed run leaves the previous ``DIR`` untouched.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, atomic_write_text
 from .zoo import accuracy_table, world_record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,17 +58,7 @@ def write_part(parts: str | Path | None, name: str, obj: dict) -> Path | None:
     """
     if parts is None:
         return None
-    folder = Path(parts)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, folder / f"{name}.json")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return folder / f"{name}.json"
+    return atomic_write_text(Path(parts) / f"{name}.json", json.dumps(obj, indent=1))
 
 
 #: The papers' numbers the kit's are shown beside (METHODS.md 5; MMER, 7B models, %).
@@ -167,7 +155,7 @@ def zoo_section(zoo: dict) -> list[str]:
     lines += markdown(merge_bench.capability_summary(zoo["capabilities"]))
     for regime, table in zoo["capabilities"].items():
         lines += ["", f"Per task, {regime} fine-tuning:", ""]
-        lines += markdown(merge_bench.mean_row(merge_bench.capability_frame(table, regime)), 3)
+        lines += markdown(merge_bench.task_table(merge_bench.capability_frame(table, regime)), 3)
     if zoo.get("rank_ratio"):
         lines += ["", "### OptMerge rank ratio (full fine-tuning, mean %)", ""]
         lines += markdown(merge_bench.rank_summary(zoo["rank_ratio"]))
