@@ -12,10 +12,11 @@
    file once (raw reads, the I/O floor), mckit and mergekit for TIES (keep /
    density 0.2, per tensor) and for the plain average, all tensors merged by both
    tools (mckit --include '.*', as mergekit merges every tensor).  Wall time
-   from the parent, peak RSS of the child from os.wait4.  Prints ratios against
-   the targets: TIES >= 3x faster than mergekit with no more peak memory;
-   average within 1.5x of the read-once time.  Also checks that both tools'
-   outputs agree.
+   and peak RSS (os.wait4) of each child are taken by a small launcher process;
+   every measurement runs --repeat times (default 3), each after a sync, and
+   best and median are kept.  Prints ratios against the targets: TIES >= 3x
+   faster than mergekit with no more peak memory; average within 1.5x of the
+   read-once time.  Also checks that both tools' outputs agree.
 """
 
 from __future__ import annotations
@@ -95,19 +96,30 @@ def mergekit_config(method: str, base: Path, experts: list[Path], keep: float) -
 
 
 # --------------------------------------------------------------- timing
+# A child's peak RSS (ru_maxrss) starts at the RSS of the process it was forked or
+# spawned from, so children are started by this small launcher (about 10 MiB),
+# never by the benchmark process itself (about 400 MiB with torch imported).
+LAUNCHER = """
+import os, sys, time
+start = time.perf_counter()
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{time.perf_counter() - start} {usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
+"""
+
+
 def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """Run ``cmd``; return (wall seconds, peak RSS of the child in MiB) via os.wait4."""
-    with tempfile.TemporaryFile() as log:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            log.seek(0)
-            err = log.read().decode(errors="replace")
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
-    return wall, usage.ru_maxrss / 1024
+    """Run ``cmd``; return (wall seconds, peak RSS of the child in MiB), both taken by the launcher."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log, report = Path(tmp) / "log", Path(tmp) / "report"
+        with open(log, "wb") as out:
+            subprocess.run([sys.executable, "-c", LAUNCHER, str(report), *cmd], cwd=ROOT, env=env,
+                           stdout=out, stderr=out, check=True)
+        wall, rss_kib, code = report.read_text().split()
+        if int(code) != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({code}):\n{log.read_text(errors='replace')[-3000:]}")
+    return float(wall), int(rss_kib) / 1024
 
 
 READ_ONCE = """
@@ -139,18 +151,32 @@ def max_abs_diff(a: Path, b: Path, names: list[str]) -> float:
     return worst
 
 
-def best_of(repeat: int, make_cmd, out: Path, env=None) -> tuple[float, float]:
+def runs_of(repeat: int, make_cmd, out: Path, env=None) -> list[tuple[float, float]]:
+    """``repeat`` timed runs of ``make_cmd()``, each after removing ``out`` and a ``sync``.
+
+    The sync flushes the previous run's deletes and dirty pages first, so no run
+    pays for its predecessor's clean-up (on this VM that alone moved an 800 MB
+    write between 0.15 s and 2 s).
+    """
     runs = []
     for _ in range(repeat):
         shutil.rmtree(out, ignore_errors=True)
+        os.sync()
         runs.append(timed(make_cmd(), env))
-    return min(r[0] for r in runs), max(r[1] for r in runs)
+    return runs
+
+
+def summary(runs: list[tuple[float, float]]) -> dict:
+    """Best and median wall time, largest peak RSS, and every run."""
+    walls = sorted(r[0] for r in runs)
+    return {"wall_best": walls[0], "wall_median": walls[len(walls) // 2],
+            "rss_mib": max(r[1] for r in runs), "runs": runs}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, help="existing models dir with base/ and expert*/ (default: generate)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per measurement, best wall time kept")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (best and median reported)")
     parser.add_argument("--keep", type=float, default=0.2)
     args = parser.parse_args()
 
@@ -166,44 +192,44 @@ def main() -> None:
     print(f"inputs: {len(experts)} experts + base, {size_gb:.2f} GB fp32; load average {os.getloadavg()[0]:.2f}")
 
     timed([sys.executable, "-c", READ_ONCE, *inputs])                       # warm the page cache
-    results = {"read_once_all": best_of(args.repeat, lambda: [sys.executable, "-c", READ_ONCE, *inputs],
-                                        outs / "none")}
-    results["read_once_experts"] = best_of(
-        args.repeat, lambda: [sys.executable, "-c", READ_ONCE, *weight_files(experts)], outs / "none")
-    results["python_torch_startup"] = best_of(
-        args.repeat, lambda: [sys.executable, "-c", "import mckit.engine"], outs / "none", env)
-
+    read = lambda files: lambda: [sys.executable, "-c", READ_ONCE, *files]   # noqa: E731
+    results = {"read_once_all": runs_of(args.repeat, read(inputs), outs / "none"),
+               "read_once_experts": runs_of(args.repeat, read(weight_files(experts)), outs / "none"),
+               "python_startup": runs_of(args.repeat, lambda: [sys.executable, "-c", "import mckit.engine"],
+                                         outs / "none", env)}
+    diffs = {}
     for method in ("ties", "average"):
         mk_out, mc_out = outs / f"mergekit-{method}", outs / f"mckit-{method}"
         cfg = WORK / f"mergekit-{method}.yml"
         cfg.write_text(mergekit_config(method, base, experts, args.keep))
-        results[f"mergekit_{method}"] = best_of(
+        results[f"mergekit_{method}"] = runs_of(
             args.repeat, lambda: [str(mergekit), str(cfg), str(mk_out), "--quiet", "--no-cuda"], mk_out, env)
         extra = ["--keep", str(args.keep)] if method == "ties" else []
-        results[f"mckit_{method}"] = best_of(
+        results[f"mckit_{method}"] = runs_of(
             args.repeat, lambda: [sys.executable, "-m", "mckit", "merge", "--method", method, "--base", str(base),
                                   "--models", *map(str, experts), "--out", str(mc_out), "--include", ".*",
                                   "--quiet", *extra], mc_out, env)
         names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.9.mlp.down_proj.weight",
                  "model.norm.weight", "model.embed_tokens.weight"]
-        results[f"max_abs_diff_{method}"] = (max_abs_diff(mk_out, mc_out, names), 0.0)
+        diffs[method] = max_abs_diff(mk_out, mc_out, names)
+    results = {key: summary(runs) for key, runs in results.items()}
 
-    print(f"\n{'measurement':<24}{'wall s':>10}{'peak RSS MiB':>15}")
-    for key, (wall, rss) in results.items():
-        if not key.startswith("max_abs"):
-            print(f"{key:<24}{wall:>10.2f}{rss:>15.0f}")
-    t = {k: v[0] for k, v in results.items()}
-    m = {k: v[1] for k, v in results.items()}
-    print("\nTIES  speed-up vs mergekit: {:.2f}x (target >= 3x)".format(t["mergekit_ties"] / t["mckit_ties"]))
-    print("TIES  peak RSS mckit/mergekit: {:.2f} (target <= 1)".format(m["mckit_ties"] / m["mergekit_ties"]))
-    print("avg   speed-up vs mergekit: {:.2f}x; peak RSS mckit/mergekit: {:.2f}".format(
-        t["mergekit_average"] / t["mckit_average"], m["mckit_average"] / m["mergekit_average"]))
-    print("avg   time / read-once(all inputs): {:.2f} (target <= 1.5); / read-once(experts): {:.2f}".format(
-        t["mckit_average"] / t["read_once_all"], t["mckit_average"] / t["read_once_experts"]))
-    print("avg   (time - startup) / read-once(all inputs): {:.2f}".format(
-        (t["mckit_average"] - t["python_torch_startup"]) / t["read_once_all"]))
+    print(f"\n{'measurement':<22}{'best s':>9}{'median s':>10}{'peak RSS MiB':>14}")
+    for key, r in results.items():
+        print(f"{key:<22}{r['wall_best']:>9.2f}{r['wall_median']:>10.2f}{r['rss_mib']:>14.0f}")
+    m = {k: r["rss_mib"] for k, r in results.items()}
+    for stat in ("best", "median"):
+        t = {k: r[f"wall_{stat}"] for k, r in results.items()}
+        print(f"\n{stat} wall times:")
+        print("TIES  speed-up vs mergekit: {:.2f}x (target >= 3x)".format(t["mergekit_ties"] / t["mckit_ties"]))
+        print("avg   speed-up vs mergekit: {:.2f}x".format(t["mergekit_average"] / t["mckit_average"]))
+        print("avg   time / read-once(all inputs): {:.2f} (target <= 1.5); / read-once(experts): {:.2f}".format(
+            t["mckit_average"] / t["read_once_all"], t["mckit_average"] / t["read_once_experts"]))
+    print("\nTIES  peak RSS mckit/mergekit: {:.2f} (target <= 1)".format(m["mckit_ties"] / m["mergekit_ties"]))
+    print("avg   peak RSS mckit/mergekit: {:.2f}".format(m["mckit_average"] / m["mergekit_average"]))
     print("max |mckit - mergekit| on sample tensors: TIES {:.3g}, average {:.3g}".format(
-        t["max_abs_diff_ties"], t["max_abs_diff_average"]))
+        diffs["ties"], diffs["average"]))
+    results["max_abs_diff"] = diffs
     (WORK / "results.json").write_text(json.dumps(results, indent=2))
 
 

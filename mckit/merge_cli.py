@@ -16,14 +16,14 @@ import re
 import sys
 
 from mckit.engine import DEFAULT_INCLUDE, merge_checkpoints
-from mckit.merging import METHODS
+from mckit.merge_options import METHOD_OPTIONS
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``merge`` subcommand."""
     p = subparsers.add_parser("merge", help="merge fine-tuned checkpoints into their base (streaming)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", required=True, choices=list(METHODS), help="merging algorithm")
+    p.add_argument("--method", required=True, choices=list(METHOD_OPTIONS), help="merging algorithm")
     p.add_argument("--base", required=True, help="base checkpoint directory (theta_0)")
     p.add_argument("--models", required=True, nargs="+", help="fine-tuned checkpoint directories (theta_i)")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")

@@ -45,6 +45,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
+from mckit.merge_options import check_fraction, check_method
+
 __all__ = [
     "METHODS", "get_method", "task_vectors", "lora_delta",
     "average", "task_arithmetic", "ties", "dare_ta", "dare_ties", "tsv", "iso_c",
@@ -56,21 +58,6 @@ __all__ = [
 
 
 # ----------------------------------------------------------------- validation
-def check_fraction(name: str, value: float, *, closed_low: bool = False, closed_high: bool = True) -> float:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` lies in the interval.
-
-    Default interval: ``(0, 1]`` (used for ``keep``); DARE's ``drop`` uses
-    ``[0, 1)`` because the rescale ``1 / (1 - drop)`` is undefined at 1.
-    """
-    value = float(value)
-    low_ok = value >= 0 if closed_low else value > 0
-    high_ok = value <= 1 if closed_high else value < 1
-    if not (math.isfinite(value) and low_ok and high_ok):
-        interval = ("[" if closed_low else "(") + "0, 1" + ("]" if closed_high else ")")
-        raise ValueError(f"{name} must be in {interval}, got {value}")
-    return value
-
-
 def all_finite(tensor: Tensor) -> bool:
     """True if no entry is NaN or +-Inf.
 
@@ -578,7 +565,4 @@ METHODS: dict[str, Callable[..., Tensor]] = {
 
 def get_method(name: str) -> Callable[..., Tensor]:
     """Look up a merging function by name; unknown names list the valid ones."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown merge method {name!r}; valid: {', '.join(METHODS)}") from None
+    return METHODS[check_method(name)]

@@ -1,8 +1,12 @@
 """Streaming merge engine on tiny Llama checkpoints, checked against the in-memory pure functions."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -12,6 +16,7 @@ from _merge_helpers import one_thread  # noqa: F401  (fixture)
 from _merge_helpers import fine_tuned, load_checkpoint, save_checkpoint, tiny_base, tree_snapshot
 from mckit import engine as E
 from mckit import merging as M
+from mckit import tensorfiles as T
 
 LINEAR = re.compile(E.DEFAULT_INCLUDE)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -259,3 +264,71 @@ def test_nan_in_copied_tensor_is_reported(ckpts, tmp_path):
     with pytest.raises(E.MergeError, match=r"model\.norm\.weight in .*nanbase/model\.safetensors contains NaN"):
         E.merge_checkpoints("average", base, ckpts["experts"], tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------- linear kernel
+def _random(shape, dtype, seed):
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed))).to(dtype)
+
+
+def _numpy(t):
+    """torch -> numpy in the engine's dtypes (bfloat16 through ml_dtypes), bit for bit."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(T.DTYPES["BF16"])
+    return t.numpy()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method, options", [("average", {}), ("task_arithmetic", {"lam": 0.7})])
+def test_linear_kernel_matches_torch_functions_across_blocks_and_threads(method, options, dtype):
+    shape = (9, E.BLOCK + 77)                  # 9 blocks and a ragged tail: every worker thread gets work
+    base = _random(shape, dtype, 0)
+    experts = [_random(shape, dtype, i + 1) for i in range(3)]
+    buffer = np.full(base.numel() + 50, np.nan, np.float32)
+    got, finite = E.linear_merge(method, _numpy(base), [_numpy(e) for e in experts], out=buffer, **options)
+    assert finite and got.shape == shape and got.dtype == np.float32
+    assert np.shares_memory(got, buffer)
+    expected = getattr(M, method)(base, experts, **options)
+    if method == "average":
+        assert torch.equal(torch.from_numpy(got), expected)
+    else:
+        torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_linear_kernel_reports_non_finite_in_any_block():
+    size = 5 * E.BLOCK
+    experts = [np.ones(size, np.float32) for _ in range(2)]
+    assert E.linear_merge("average", experts[0], experts)[1]
+    experts[1][size - 3] = np.inf
+    result, finite = E.linear_merge("average", experts[0], experts)
+    assert not finite and np.isinf(result[size - 3])
+    assert E.linear_merge("average", np.zeros(0, np.float32), [np.zeros(0, np.float32)])[1]
+
+
+def test_linear_bfloat16_checkpoints_round_like_torch(tmp_path):
+    base = {k: v.to(torch.bfloat16) for k, v in tiny_base(seed=4).items()}
+    experts = [{k: v.to(torch.bfloat16) for k, v in fine_tuned(base, i).items()} for i in range(3)]
+    b = save_checkpoint(base, tmp_path / "b")
+    es = [save_checkpoint(e, tmp_path / f"e{i}") for i, e in enumerate(experts)]
+    got = load_checkpoint(E.merge_checkpoints("task_arithmetic", b, es, tmp_path / "out", lam=0.3,
+                                              progress=False))
+    for name in base:
+        if LINEAR.fullmatch(name):
+            ref = M.task_arithmetic(base[name], [e[name] for e in experts], lam=0.3).to(torch.bfloat16)
+            assert got[name].dtype == torch.bfloat16
+            assert (got[name].float() - ref.float()).abs().max() <= 2**-7 * ref.float().abs().max()
+
+
+_IMPORTS_TORCH = ("import sys; from mckit.__main__ import main; rc = main(sys.argv[1:]); "
+                  "print(rc, 'torch' in sys.modules)")
+
+
+@pytest.mark.parametrize("method, imports_torch", [("average", False), ("task_arithmetic", False),
+                                                   ("ties", True)])
+def test_linear_merges_never_import_torch(ckpts, tmp_path, method, imports_torch):
+    args = ["merge", "--method", method, "--base", str(ckpts["base"]), "--models",
+            *map(str, ckpts["experts"]), "--out", str(tmp_path / "out"), "--quiet"]
+    done = subprocess.run([sys.executable, "-c", _IMPORTS_TORCH, *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-2:] == ["0", str(imports_torch)]

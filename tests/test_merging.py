@@ -12,6 +12,7 @@ masks from the global RNG with ``torch.bernoulli``, so DARE is compared by
 statistics and by composing our own masks with PEFT's sign/disjoint steps.
 """
 
+import inspect
 import math
 
 import pytest
@@ -20,6 +21,7 @@ from peft.utils import merge_utils as pm
 
 from _merge_helpers import one_thread  # noqa: F401  (fixture)
 from mckit import merging as M
+from mckit.merge_options import METHOD_OPTIONS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -376,3 +378,10 @@ def test_shape_mismatch_and_unknown_method():
         M.get_method("magic")
     with pytest.raises(ValueError, match="by must be"):
         M.ties(base, thetas, by="mean")
+
+
+def test_method_options_table_matches_signatures():
+    internal = {"theta_0", "thetas", "seed", "thresholds", "losses"}
+    assert list(METHOD_OPTIONS) == list(M.METHODS)
+    for name, fn in M.METHODS.items():
+        assert set(METHOD_OPTIONS[name]) == set(inspect.signature(fn).parameters) - internal, name
