@@ -8,13 +8,13 @@
    under bench/.work/models.
 2. Creates bench/.venv-mergekit (python -m venv, no system site packages):
    torch==2.13.0 from a local CPU wheel first, then mergekit==0.1.5 from PyPI.
-3. Times, each in its own subprocess with warm page cache: reading every input
-   file once (raw reads, the I/O floor), mckit and mergekit for TIES (keep /
-   density 0.2, per tensor) and for the plain average, all tensors merged by both
-   tools (mckit --include '.*', as mergekit merges every tensor).  Wall time
-   and peak RSS (os.wait4) of each child are taken by a small launcher process;
-   every measurement runs --repeat times (default 3), each after a sync, and
-   best and median are kept.  Prints ratios against the targets: TIES >= 3x
+3. Times, each in its own subprocess just after a read of every input (warm
+   page cache): reading every input file once (raw reads, the I/O floor),
+   mckit and mergekit for TIES (keep / density 0.2, per tensor) and for the
+   plain average, all tensors merged by both tools (mckit --include '.*', as
+   mergekit merges every tensor).  Wall time and peak RSS (os.wait4) of each
+   child are taken by a small launcher process; every measurement runs
+   --repeat times (default 3), each after a sync, and best and median are kept.  Prints ratios against the targets: TIES >= 3x
    faster than mergekit with no more peak memory; average within 1.5x of the
    read-once time.  Also checks that both tools' outputs agree.
 """
@@ -28,7 +28,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -96,8 +95,8 @@ def mergekit_config(method: str, base: Path, experts: list[Path], keep: float) -
 
 
 # --------------------------------------------------------------- timing
-# A child's peak RSS (ru_maxrss) starts at the RSS of the process it was forked or
-# spawned from, so children are started by this small launcher (about 10 MiB),
+# A child's peak RSS (ru_maxrss) is at least the RSS of the process it was forked
+# or spawned from, so children are started by this small launcher (about 10 MiB),
 # never by the benchmark process itself (about 400 MiB with torch imported).
 LAUNCHER = """
 import os, sys, time
@@ -151,17 +150,21 @@ def max_abs_diff(a: Path, b: Path, names: list[str]) -> float:
     return worst
 
 
-def runs_of(repeat: int, make_cmd, out: Path, env=None) -> list[tuple[float, float]]:
-    """``repeat`` timed runs of ``make_cmd()``, each after removing ``out`` and a ``sync``.
+def runs_of(repeat: int, make_cmd, out: Path, warm: list[str], env=None) -> list[tuple[float, float]]:
+    """``repeat`` timed runs of ``make_cmd()``, each after removing ``out``, a ``sync`` and a read of ``warm``.
 
     The sync flushes the previous run's deletes and dirty pages first, so no run
     pays for its predecessor's clean-up (on this VM that alone moved an 800 MB
-    write between 0.15 s and 2 s).
+    write between 0.15 s and 2 s).  Reading the input files just before each
+    run puts them back in the page cache: the VM evicts pages left cold for a
+    few minutes, and the first run after a long mergekit merge paid for it
+    (1.38 s against 0.34 s).
     """
     runs = []
     for _ in range(repeat):
         shutil.rmtree(out, ignore_errors=True)
         os.sync()
+        timed([sys.executable, "-c", READ_ONCE, *warm])
         runs.append(timed(make_cmd(), env))
     return runs
 
@@ -191,24 +194,23 @@ def main() -> None:
     size_gb = sum(os.path.getsize(f) for f in inputs) / 1e9
     print(f"inputs: {len(experts)} experts + base, {size_gb:.2f} GB fp32; load average {os.getloadavg()[0]:.2f}")
 
-    timed([sys.executable, "-c", READ_ONCE, *inputs])                       # warm the page cache
     read = lambda files: lambda: [sys.executable, "-c", READ_ONCE, *files]   # noqa: E731
-    results = {"read_once_all": runs_of(args.repeat, read(inputs), outs / "none"),
-               "read_once_experts": runs_of(args.repeat, read(weight_files(experts)), outs / "none"),
+    results = {"read_once_all": runs_of(args.repeat, read(inputs), outs / "none", inputs),
+               "read_once_experts": runs_of(args.repeat, read(weight_files(experts)), outs / "none", inputs),
                "python_startup": runs_of(args.repeat, lambda: [sys.executable, "-c", "import mckit.engine"],
-                                         outs / "none", env)}
+                                         outs / "none", inputs, env)}
     diffs = {}
     for method in ("ties", "average"):
         mk_out, mc_out = outs / f"mergekit-{method}", outs / f"mckit-{method}"
         cfg = WORK / f"mergekit-{method}.yml"
         cfg.write_text(mergekit_config(method, base, experts, args.keep))
         results[f"mergekit_{method}"] = runs_of(
-            args.repeat, lambda: [str(mergekit), str(cfg), str(mk_out), "--quiet", "--no-cuda"], mk_out, env)
+            args.repeat, lambda: [str(mergekit), str(cfg), str(mk_out), "--quiet", "--no-cuda"], mk_out, inputs, env)
         extra = ["--keep", str(args.keep)] if method == "ties" else []
         results[f"mckit_{method}"] = runs_of(
             args.repeat, lambda: [sys.executable, "-m", "mckit", "merge", "--method", method, "--base", str(base),
                                   "--models", *map(str, experts), "--out", str(mc_out), "--include", ".*",
-                                  "--quiet", *extra], mc_out, env)
+                                  "--quiet", *extra], mc_out, inputs, env)
         names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.9.mlp.down_proj.weight",
                  "model.norm.weight", "model.embed_tokens.weight"]
         diffs[method] = max_abs_diff(mk_out, mc_out, names)

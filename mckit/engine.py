@@ -49,7 +49,7 @@ import numpy as np
 from mckit.atomic import atomic_dir
 from mckit.merge_options import check_options
 from mckit.tensorfiles import (DTYPES, FLOAT_CODES, INDEX_FILE, SINGLE_FILE, BlockReader, Checkpoint,
-                               ShardWriter, TensorFileError, numel, plan_shards)
+                               ShardWriter, TensorFileError, plan_shards)
 
 DEFAULT_INCLUDE = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$"
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
