@@ -312,11 +312,18 @@ def test_linear_bfloat16_checkpoints_round_like_torch(tmp_path):
     es = [save_checkpoint(e, tmp_path / f"e{i}") for i, e in enumerate(experts)]
     got = load_checkpoint(E.merge_checkpoints("task_arithmetic", b, es, tmp_path / "out", lam=0.3,
                                               progress=False))
+    same, total = 0, 0
     for name in base:
         if LINEAR.fullmatch(name):
             ref = M.task_arithmetic(base[name], [e[name] for e in experts], lam=0.3).to(torch.bfloat16)
             assert got[name].dtype == torch.bfloat16
-            assert (got[name].float() - ref.float()).abs().max() <= 2**-7 * ref.float().abs().max()
+            # float32 results may differ in the last bit (fused multiply-add in torch); after
+            # rounding to bfloat16 that is at most one bfloat16 step, and almost never.
+            torch.testing.assert_close(got[name].float(), ref.float(), rtol=2**-7, atol=0)
+            same, total = same + int((got[name] == ref).sum()), total + ref.numel()
+        else:
+            assert torch.equal(got[name], base[name])
+    assert same >= 0.999 * total
 
 
 _IMPORTS_TORCH = ("import sys; from mckit.__main__ import main; rc = main(sys.argv[1:]); "
