@@ -4,8 +4,9 @@ Format (https://huggingface.co/docs/safetensors, "Format"): 8-byte
 little-endian header length N, a JSON header ``{name: {dtype, shape,
 data_offsets: [begin, end]}}`` (offsets relative to byte ``8 + N``), then
 the raw little-endian tensor bytes.  Reading maps one tensor's bytes with
-``numpy.memmap`` (zero-copy); writing streams tensors into a file whose
-header is known up front.  ``bfloat16`` comes from ``ml_dtypes`` (numpy has
+``numpy.memmap`` (zero-copy) or reads ranges of its entries with
+``os.preadv``; writing places tensors, or ranges of their entries, into a
+file whose header is known up front (``os.pwrite``).  ``bfloat16`` comes from ``ml_dtypes`` (numpy has
 none).  The merge engine builds on this module so that linear merges never
 import torch (its import alone takes longer than reading a 200M-parameter
 model from page cache).
@@ -75,18 +76,23 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise TensorFileError(f"{path} has an unreadable safetensors header: {err}") from None
+    if not isinstance(header, dict):
+        raise TensorFileError(f"{path} has an unreadable safetensors header: not a JSON object")
     header.pop("__metadata__", None)
     start, infos = 8 + n, {}
-    for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        begin, end = meta["data_offsets"]
-        if meta["dtype"] not in DTYPES:
-            raise TensorFileError(f"tensor {name} in {path} has unsupported dtype {meta['dtype']}")
-        info = TensorInfo(path, meta["dtype"], tuple(meta["shape"]), start + begin)
-        if end - begin != info.nbytes or start + end > size:
+    for name, meta in header.items():
+        try:
+            (begin, end), code, shape = meta["data_offsets"], meta["dtype"], tuple(int(d) for d in meta["shape"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise TensorFileError(f"tensor {name} in {path} has a malformed header entry ({err!r})") from None
+        if code not in DTYPES:
+            raise TensorFileError(f"tensor {name} in {path} has unsupported dtype {code}")
+        info = TensorInfo(path, code, shape, start + begin)
+        if end - begin != info.nbytes or begin < 0 or start + end > size:
             raise TensorFileError(f"tensor {name} in {path}: data_offsets {begin}..{end} do not match "
                                   f"shape {info.shape} {info.code} or the file size")
         infos[name] = info
-    return infos
+    return dict(sorted(infos.items(), key=lambda kv: kv[1].offset))
 
 
 def read_array(info: TensorInfo) -> np.ndarray:

@@ -132,6 +132,8 @@ def _header_file(path, header, data_bytes):
     ("length", "not a safetensors file"),
     ("json", "unreadable safetensors header"),
     ("dtype", "tensor w .* unsupported dtype F8_E4M3"),
+    ("entry", "tensor w .* malformed header entry .*shape"),
+    ("object", "unreadable safetensors header: not a JSON object"),
     ("offsets", "tensor w .* data_offsets 0..12 do not match shape"),
     ("size", "tensor w .* do not match .* the file size"),
 ])
@@ -143,12 +145,16 @@ def test_bad_files_name_file_and_tensor(tmp_path, case, pattern):
         path.write_bytes(struct.pack("<Q", 10**6) + b"{}")
     elif case == "json":
         path.write_bytes(struct.pack("<Q", 4) + b"{{{{")
+    elif case == "object":
+        _header_file(path, [1, 2], 8)
     else:
         meta = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
         if case == "dtype":
             meta["dtype"] = "F8_E4M3"
         if case == "offsets":
             meta["data_offsets"] = [0, 12]
+        if case == "entry":
+            del meta["shape"]
         _header_file(path, {"w": meta}, 16 if case != "size" else 8)
     with pytest.raises(T.TensorFileError, match=pattern) as err:
         T.read_header(path)
