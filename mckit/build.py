@@ -20,6 +20,7 @@ import copy
 import json
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,8 @@ from .mllm import MLLM, Branch
 from .render import render_bank
 from .tasks import MODALITY_TASKS, Slots, corpus_words
 from .tokenizer import train_tokenizer
-from .train import STAGE2_MODES, FeatureBank, add_lora, make_llm, pretrain_text, train_stage1, train_stage2
+from .train import (STAGE2_MODES, FeatureBank, Presets, add_lora, make_llm, pretrain_text, train_stage1,
+                    train_stage2)
 from .world import MODALITIES, World, make_world
 
 #: Render seeds: training banks, held-out test banks (evaluation), validation banks.
@@ -43,7 +45,7 @@ CHANCE = {"identify": 1 / 32, "attribute": 1 / 4, "choice": 1 / 4, "describe": 1
 
 
 @dataclass
-class BuildConfig:
+class BuildConfig(Presets):
     """Steps and sizes of every stage (``full``: the shipped world; ``smoke``: a fast pipeline check)."""
 
     seed: int = 0
@@ -63,14 +65,9 @@ class BuildConfig:
     hidden: int = 128
     layers: int = 4
 
-    @classmethod
-    def preset(cls, name: str) -> "BuildConfig":
-        if name == "full":
-            return cls()
-        if name == "smoke":
-            return cls(encoder_steps=40, bank_per_entity=8, text_steps=60, stage1_steps=20, stage2_steps=30,
-                       eval_items=40, modalities=("image", "audio"))
-        raise ValueError(f"unknown build preset {name!r}; expected 'full' or 'smoke'")
+    KIND: ClassVar[str] = "build"
+    SMOKE: ClassVar[dict] = dict(encoder_steps=40, bank_per_entity=8, text_steps=60, stage1_steps=20,
+                                 stage2_steps=30, eval_items=40, modalities=("image", "audio"))
 
 
 def single_task_examples(world: World, modality: str, n: int, seed: int) -> list:

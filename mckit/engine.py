@@ -374,12 +374,15 @@ class _MergeRun:
     thresholds: list[float] | None
     reader: BlockReader | None = None
 
+    def linear_inputs(self) -> list[Checkpoint]:
+        """Checkpoints the linear kernel reads: the average never reads the base."""
+        return self.experts if self.method == "average" else [self.base, *self.experts]
+
     def input_files(self) -> list[Path]:
-        """Files the linear kernel reads (the average never reads the base)."""
+        """Files the linear kernel reads (none for the other methods)."""
         if self.method not in LINEAR_METHODS:
             return []
-        inputs = self.experts if self.method == "average" else [self.base, *self.experts]
-        return [ck.file_of(n) for ck in inputs for n in self.merged]
+        return [ck.file_of(n) for ck in self.linear_inputs() for n in self.merged]
 
     def write_tensor(self, writer: ShardWriter, name: str, code: str) -> None:
         """Merge tensor ``name`` (or copy the base's after a NaN/Inf check) into ``writer``."""
@@ -397,7 +400,7 @@ class _MergeRun:
 
     def _linear_blocks(self, writer: ShardWriter, name: str, starts) -> bool:
         """Read, merge and write the blocks ``starts`` of tensor ``name``; returns whether all are finite."""
-        inputs = self.experts if self.method == "average" else [self.base, *self.experts]
+        inputs = self.linear_inputs()
         size, code = self.base.info(name).numel, writer.slots[name].code
         lam, finite = float(self.options.get("lam", 1.0)), True
         for start in starts:

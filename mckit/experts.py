@@ -24,6 +24,7 @@ import json
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ from .encoders import ENC_DIM, ENC_TOKENS
 from .evaluate import EXACT, exact_match_by_task
 from .mllm import MLLM, Batch, Branch
 from .tasks import chat
-from .train import TEXT_SHARE, add_lora, fit, llm_trainable, mixed_examples
+from .train import TEXT_SHARE, Presets, add_lora, fit, llm_trainable, mixed_examples
 from .world import World
 
 REGIMES = ("full", "lora")
@@ -46,7 +47,7 @@ MULTITASK = "multitask"
 
 
 @dataclass
-class ExpertsConfig:
+class ExpertsConfig(Presets):
     seed: int = 0
     encoder_steps: int = 800
     encoder_batch: int = 160
@@ -60,14 +61,9 @@ class ExpertsConfig:
     lora_rank: int = 32
     eval_items: int = 200
 
-    @classmethod
-    def preset(cls, name: str) -> "ExpertsConfig":
-        if name == "full":
-            return cls()
-        if name == "smoke":
-            return cls(encoder_steps=20, encoder_batch=32, stage1_steps=10, base_steps=6, expert_steps=8,
-                       multitask_steps=8, batch=8, eval_items=8)
-        raise ValueError(f"unknown preset {name!r}; expected 'full' or 'smoke'")
+    KIND: ClassVar[str] = "experts"
+    SMOKE: ClassVar[dict] = dict(encoder_steps=20, encoder_batch=32, stage1_steps=10, base_steps=6,
+                                 expert_steps=8, multitask_steps=8, batch=8, eval_items=8)
 
 
 def default_experts_dir() -> Path:

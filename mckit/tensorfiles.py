@@ -15,6 +15,7 @@ model from page cache).
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
@@ -50,18 +51,11 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        return numel(self.shape)
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
         return self.numel * np.dtype(DTYPES[self.code]).itemsize
-
-
-def numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -172,7 +166,7 @@ def plan_shards(entries: list[tuple[str, tuple[int, ...], str]], max_shard_bytes
     """Split ``(name, shape, dtype_code)`` entries, in order, into shards of at most ``max_shard_bytes``."""
     shards, current, size = [], [], 0
     for entry in entries:
-        nbytes = np.dtype(DTYPES[entry[2]]).itemsize * numel(entry[1])
+        nbytes = np.dtype(DTYPES[entry[2]]).itemsize * math.prod(entry[1])
         if current and size + nbytes > max_shard_bytes:
             shards.append(current)
             current, size = [], 0
@@ -236,7 +230,7 @@ class ShardWriter:
     def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...], str]]):
         header, offset = {}, 0
         for name, shape, code in entries:
-            nbytes = np.dtype(DTYPES[code]).itemsize * numel(shape)
+            nbytes = np.dtype(DTYPES[code]).itemsize * math.prod(shape)
             header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         header["__metadata__"] = {"format": "pt"}

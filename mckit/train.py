@@ -22,6 +22,22 @@ from .mllm import MLLM, Batch, Branch
 from .tasks import Example, chat, sample
 from .world import World
 
+class Presets:
+    """Mixin for a build config dataclass: ``preset("full")`` is the defaults, ``preset("smoke")``
+    the class's ``SMOKE`` overrides (a fast pipeline check); ``KIND`` names the config in errors."""
+
+    KIND = "config"
+    SMOKE: dict = {}
+
+    @classmethod
+    def preset(cls, name: str):
+        if name == "full":
+            return cls()
+        if name == "smoke":
+            return cls(**cls.SMOKE)
+        raise ValueError(f"unknown {cls.KIND} preset {name!r}; expected 'full' or 'smoke'")
+
+
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: Text share of every stage-2 batch, so the text skills stay.
 TEXT_SHARE = 0.25
