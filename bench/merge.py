@@ -197,7 +197,7 @@ def main() -> None:
     read = lambda files: lambda: [sys.executable, "-c", READ_ONCE, *files]   # noqa: E731
     results = {"read_once_all": runs_of(args.repeat, read(inputs), outs / "none", inputs),
                "read_once_experts": runs_of(args.repeat, read(weight_files(experts)), outs / "none", inputs),
-               "python_startup": runs_of(args.repeat, lambda: [sys.executable, "-c", "import mckit.engine"],
+               "python_startup": runs_of(args.repeat, lambda: [sys.executable, "-c", "import mckit.merge.engine"],
                                          outs / "none", inputs, env)}
     diffs = {}
     for method in ("ties", "average"):

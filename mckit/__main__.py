@@ -12,9 +12,9 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = {"build-world": "mckit.build", "build-seeds": "mckit.build:add_replicas_parser",
-               "build-mcub": "mckit.mcub", "build-experts": "mckit.experts", "reproduce": "mckit.reproduce",
-               "merge": "mckit.merge_cli"}
+SUBCOMMANDS = {"build-world": "mckit.build.world", "build-seeds": "mckit.build.world:add_replicas_parser",
+               "build-mcub": "mckit.eval.mcub", "build-experts": "mckit.build.experts", "reproduce": "mckit.report.reproduce",
+               "merge": "mckit.merge.cli"}
 
 
 def main(argv: list[str] | None = None) -> int:

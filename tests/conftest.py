@@ -17,15 +17,15 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def world():
-    from mckit.world import make_world
+    from mckit.world.entities import make_world
 
     return make_world(0)
 
 
 @pytest.fixture(scope="session")
 def tokenizer(world):
-    from mckit.tasks import corpus_words
-    from mckit.tokenizer import train_tokenizer
+    from mckit.world.tasks import corpus_words
+    from mckit.world.tokenizer import train_tokenizer
 
     return train_tokenizer(corpus_words(world))
 
@@ -33,9 +33,9 @@ def tokenizer(world):
 @pytest.fixture()
 def tiny_mllm(tokenizer):
     """A random tiny MLLM with all four branches (hidden 32, 2 layers)."""
-    from mckit.mllm import MLLM, Branch
-    from mckit.train import make_llm
-    from mckit.world import MODALITIES
+    from mckit.models.mllm import MLLM, Branch
+    from mckit.models.training import make_llm
+    from mckit.world.entities import MODALITIES
 
     llm = make_llm(tokenizer, hidden=32, layers=2, heads=2, intermediate=64, seed=0).eval()
     return MLLM(llm, tokenizer, {m: Branch(m, 32) for m in MODALITIES}).eval()
@@ -44,7 +44,7 @@ def tiny_mllm(tokenizer):
 @pytest.fixture(scope="session")
 def bench(tmp_path_factory, world):
     """A small benchmark in MCUB's schema (40 test / 12 val items per split, 8 single items)."""
-    from mckit.mcub import build_benchmark
+    from mckit.eval.mcub import build_benchmark
 
     root = tmp_path_factory.mktemp("mcub") / "mcub"
     build_benchmark(root, world, n_test=40, n_val=12, n_single=8)

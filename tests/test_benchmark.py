@@ -2,9 +2,10 @@
 
 import pytest
 
-from mckit import benchmark, zoo
-from mckit.evaluate import OPTION_SCORE, evaluate_items, first_token_answers, generated_answers
-from mckit.mcub import SPLITS, load_benchmark, one_entity_oracle, text_items
+from mckit.experiments import composition as benchmark
+from mckit.models import shipped as zoo
+from mckit.eval.protocols import OPTION_SCORE, evaluate_items, first_token_answers, generated_answers
+from mckit.eval.mcub import SPLITS, load_benchmark, one_entity_oracle, text_items
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_retention_formula():
 
 def test_shipped_benchmark_is_what_the_builder_writes(tmp_path):
     """data/mcub is reproducible: a fresh build writes the same files, byte for byte."""
-    from mckit.mcub import build_benchmark, default_root
+    from mckit.eval.mcub import build_benchmark, default_root
 
     fresh = tmp_path / "mcub"
     build_benchmark(fresh, zoo.load_world())

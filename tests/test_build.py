@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from mckit import zoo
-from mckit.build import BuildConfig, build_world
+from mckit.merge.task_vectors import task_vector
+from mckit.models import shipped as zoo
+from mckit.build.world import BuildConfig, build_world
 
 
 def micro() -> BuildConfig:
@@ -24,7 +25,7 @@ def test_build_world_micro(tmp_path):
         model = zoo.load_model("point", variant, out)
         assert model.modalities == ["point"]
     base = zoo.load_base(out)
-    tau = zoo.task_vector(zoo.load_model("point", "full", out), base)
+    tau = task_vector(zoo.load_model("point", "full", out), base)
     assert tau and all(torch.isfinite(t).all() for t in tau.values())
     assert not list(tmp_path.glob(".world.*")), "temporary build directory left behind"
     with pytest.raises(FileExistsError):
@@ -32,7 +33,7 @@ def test_build_world_micro(tmp_path):
 
 
 def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
-    import mckit.build as build
+    import mckit.build.world as build
 
     def boom(*args, **kwargs):
         raise RuntimeError("interrupted")
@@ -50,9 +51,9 @@ def test_unknown_preset():
 
 def test_pretraining_updates_a_frozen_branch_encoder(world):
     """Branches hold frozen encoders; pretraining must still train them (and freeze them again)."""
-    from mckit.encoders import pretrain_encoder
-    from mckit.mllm import Branch
-    from mckit.render import render_bank
+    from mckit.models.encoders import pretrain_encoder
+    from mckit.models.mllm import Branch
+    from mckit.world.render import render_bank
 
     branch = Branch("point", 32)
     before = {k: v.clone() for k, v in branch.encoder.state_dict().items()}
@@ -65,7 +66,7 @@ def test_pretraining_updates_a_frozen_branch_encoder(world):
 
 
 def test_replicas_retrain_stage2_with_other_seeds(tmp_path):
-    from mckit.build import train_replicas
+    from mckit.build.world import train_replicas
 
     out = tmp_path / "world"
     build_world(out, micro())
@@ -73,7 +74,7 @@ def test_replicas_retrain_stage2_with_other_seeds(tmp_path):
     assert set(record["models"]) == {"point-lora-s1"} and (out / "replicas.json").is_file()
     assert zoo.replica_seeds("lora", out) == [0, 1] and zoo.replica_seeds("full", out) == [0]
     base = zoo.load_base(out)
-    own, replica = (zoo.task_vector(zoo.load_model("point", "lora", out, seed=s), base) for s in (0, 1))
+    own, replica = (task_vector(zoo.load_model("point", "lora", out, seed=s), base) for s in (0, 1))
     name = next(iter(own))
     assert not torch.allclose(own[name], replica[name])  # another seed, another model
     with pytest.raises(ValueError, match="seed 0 is the world's own"):

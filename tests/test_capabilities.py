@@ -5,8 +5,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from mckit import zoo
-from mckit.capabilities import CHANCE, LABEL_CLASSES, TASKS, capability_items
+from mckit.models import shipped as zoo
+from mckit.world.capabilities import CHANCE, LABEL_CLASSES, TASKS, capability_items
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,11 @@ import copy
 import pytest
 import torch
 
-from mckit import compose, zoo
-from mckit.checkpoint import CheckpointError
-from mckit.world import MODALITIES
+from mckit.merge.task_vectors import task_vector
+from mckit.compose import static as compose
+from mckit.models import shipped as zoo
+from mckit.models.checkpoints import CheckpointError
+from mckit.world.entities import MODALITIES
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def _state(model):
 def test_naivemc_is_base_plus_mean_of_lora_products(base, lora_models):
     composed = compose.naivemc(lora_models, base)
     assert composed.modalities == list(MODALITIES)
-    taus = [zoo.task_vector(m, base) for m in lora_models.values()]
+    taus = [task_vector(m, base) for m in lora_models.values()]
     name = "model.layers.2.mlp.down_proj.weight"
     expected = base.state_dict()[name] + sum(t[name] for t in taus) / 4
     assert torch.allclose(_state(composed)[name], expected, atol=1e-6)
@@ -55,7 +57,7 @@ def test_any_subset_and_order(base, lora_models):
 
 
 def test_controls(base, lora_models):
-    tau = zoo.task_vector(lora_models["video"], base)
+    tau = task_vector(lora_models["video"], base)
     name = next(iter(tau))
     diluted = compose.dilution_control(lora_models["video"], base, 4)
     assert diluted.modalities == ["video"]

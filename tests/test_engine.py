@@ -14,9 +14,11 @@ from transformers import AutoModelForCausalLM
 
 from _merge_helpers import one_thread  # noqa: F401  (fixture)
 from _merge_helpers import fine_tuned, load_checkpoint, save_checkpoint, tiny_base, tree_snapshot
-from mckit import engine as E
-from mckit import merging as M
-from mckit import tensorfiles as T
+from mckit.merge.registry import get, tensor_seed
+from mckit.merge.thresholds import global_magnitude_thresholds
+from mckit.merge import engine as E
+from mckit.merge import methods as M
+from mckit.storage import tensorfiles as T
 
 LINEAR = re.compile(E.DEFAULT_INCLUDE)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,9 +37,9 @@ def ckpts(tmp_path_factory):
 
 
 def _expected(method, ckpts, include=E.DEFAULT_INCLUDE, thresholds=None, seed=0, **options):
-    """Reference: the pure function of mckit.merging applied name by name in memory."""
+    """Reference: the pure function of mckit.merge.methods applied name by name in memory."""
     base, experts = ckpts["base_sd"], ckpts["expert_sds"]
-    fn = M.get_method(method)
+    fn = get(method).fn
     out = {}
     for name, theta_0 in base.items():
         if not re.fullmatch(include, name):
@@ -45,7 +47,7 @@ def _expected(method, ckpts, include=E.DEFAULT_INCLUDE, thresholds=None, seed=0,
             continue
         kwargs = dict(options)
         if method in ("dare_ta", "dare_ties"):
-            kwargs["seed"] = E.tensor_seed(seed, name)
+            kwargs["seed"] = tensor_seed(seed, name)
         if thresholds is not None:
             kwargs["thresholds"] = thresholds
         out[name] = fn(theta_0, [e[name] for e in experts], **kwargs)
@@ -96,7 +98,7 @@ def test_in_memory_merge_state_dict_matches_engine(ckpts, tmp_path):
 def test_global_ties_uses_model_wide_threshold(ckpts, tmp_path):
     base, experts = ckpts["base_sd"], ckpts["expert_sds"]
     names = [n for n in base if LINEAR.fullmatch(n)]
-    thresholds = M.global_magnitude_thresholds(base, experts, 0.2, names)
+    thresholds = global_magnitude_thresholds(base, experts, 0.2, names)
     out = E.merge_checkpoints("ties", ckpts["base"], ckpts["experts"], tmp_path / "g", keep=0.2,
                               scope="global", progress=False)
     got = load_checkpoint(out)
@@ -178,7 +180,7 @@ def test_failure_midway_keeps_previous_output(ckpts, tmp_path, monkeypatch):
     E.merge_checkpoints("average", ckpts["base"], ckpts["experts"], out, progress=False)
     before = tree_snapshot(out)
     calls = {"n": 0}
-    original = E.merge_tensor
+    original = E.merge_array
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -186,7 +188,7 @@ def test_failure_midway_keeps_previous_output(ckpts, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(E, "merge_tensor", failing)
+    monkeypatch.setattr(E, "merge_array", failing)
     with pytest.raises(KeyboardInterrupt):
         E.merge_checkpoints("ties", ckpts["base"], ckpts["experts"], out, overwrite=True, progress=False)
     assert calls["n"] == 5

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mckit.interference import by_layer, interference_table, pair_metrics
+from mckit.merge.interference import by_layer, interference_table, pair_metrics
 
 
 def test_identical_and_opposite():

@@ -3,9 +3,13 @@
 import pytest
 import torch
 
-from mckit import merge_bench, zoo
-from mckit.capabilities import TASKS
-from mckit.experts import ExpertsConfig, build_experts, load_expert
+from mckit.merge.task_vectors import task_vector
+from mckit.experiments import merging_zoo as merge_bench
+from mckit.merge.registry import get
+from mckit.models import shipped as zoo
+from mckit.world.capabilities import TASKS
+from mckit.build.experts import ExpertsConfig, build_experts
+from mckit.models.shipped import load_expert
 
 
 @pytest.fixture(scope="module")
@@ -23,24 +27,24 @@ def tiny():
 
 
 @pytest.mark.parametrize("regime", ["full", "lora"])
-@pytest.mark.parametrize("name", [m for m in merge_bench.METHODS if m not in merge_bench.NO_LAMBDA])
+@pytest.mark.parametrize("name", [m for m in merge_bench.BENCH_METHODS if get(m).has_lam])
 def test_every_method_is_linear_in_lambda(tiny, name, regime):
     """Scaling X computed once at lambda = 1 is exact: method(lambda) = lambda * method(1)."""
     base, taus = tiny
     assert merge_bench.lambda_linearity_error(taus, base, name, regime, lam=0.3) < 1e-6
 
 
-def test_method_settings():
-    assert merge_bench.method_spec("ties", "full") == ("ties", {"keep": 0.2})
-    assert merge_bench.method_spec("optmerge", "full")[0] == "optmerge"
-    assert merge_bench.method_spec("optmerge", "lora")[0] == "optmerge_lora"
-    with pytest.raises(ValueError, match="unknown benchmark method 'dare'"):
-        merge_bench.method_spec("dare", "full")
+def test_benchmark_methods_are_the_registry_at_the_papers_settings():
+    assert merge_bench.BENCH_METHODS == ("average", "task_arithmetic", "ties", "dare_ta", "dare_ties", "tsv", "iso_c",
+                                         "wudi", "optmerge")
+    assert get("ties").defaults()["keep"] == 0.2 and get("dare_ta").defaults()["drop"] == 0.2
+    with pytest.raises(ValueError, match="unknown merge method 'dare'"):
+        merge_bench.direction([], None, "dare", "full")
 
 
 def test_weight_average_direction_is_mean_task_vector(tiny):
     base, taus = tiny
-    got = merge_bench.direction(taus, base, "weight_average", "full")
+    got = merge_bench.direction(taus, base, "average", "full")
     for name in got:
         assert torch.allclose(got[name], sum(t[name] for t in taus) / 3, atol=1e-6)
 
@@ -65,23 +69,23 @@ def test_experts_keep_the_base_vision_side_and_embeddings(smoke_experts):
         for name in (*TASKS, "multitask"):
             model = load_expert(name, regime, smoke_experts)
             assert all(torch.equal(v, base_branch[k]) for k, v in model.branches["image"].state_dict().items())
-            tau = zoo.task_vector(model, base.llm)
+            tau = task_vector(model, base.llm)
             assert tau and all(k.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                    "down_proj") for k in tau), sorted(tau)
 
 
 def test_capability_table_runs_on_smoke_experts(smoke_experts):
-    table = merge_bench.capability_table("lora", n_val=2, n_test=2, methods=["weight_average", "ties"],
+    table = merge_bench.capability_table("lora", n_val=2, n_test=2, methods=["average", "ties"],
                                          experts_dir=smoke_experts)
-    assert set(table) == {"base", *(f"expert:{t}" for t in TASKS), "multitask", "weight_average", "ties"}
+    assert set(table) == {"base", *(f"expert:{t}" for t in TASKS), "multitask", "average", "ties"}
     assert table["ties"]["lam"] in merge_bench.LAMBDAS and len(table["ties"]["val"]) == len(merge_bench.LAMBDAS)
-    assert table["weight_average"]["val"] == {}
+    assert table["average"]["val"] == {}
     frame = merge_bench.capability_frame(table, "lora")
     assert set(frame["task"]) == {*TASKS, "mean"} and frame["acc"].between(0, 1).all()
 
 
 def test_failed_experts_build_leaves_nothing(tmp_path, monkeypatch):
-    import mckit.experts as experts
+    import mckit.build.experts as experts
 
     def boom(*args, **kwargs):
         raise RuntimeError("interrupted")
@@ -93,7 +97,7 @@ def test_failed_experts_build_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_report_section_shows_kit_beside_paper(smoke_experts):
-    from mckit import reproduce
+    from mckit.report import reproduce
 
     caps = {"lora": merge_bench.capability_table("lora", n_val=2, n_test=2, methods=["optmerge"],
                                                  experts_dir=smoke_experts)}

@@ -20,8 +20,10 @@ import torch
 from peft.utils import merge_utils as pm
 
 from _merge_helpers import one_thread  # noqa: F401  (fixture)
-from mckit import merging as M
-from mckit.merge_options import METHOD_OPTIONS
+from mckit.merge import kernels, registry
+from mckit.merge import methods as M
+from mckit.merge.objectives import optmerge_loss, optmerge_targets
+from mckit.merge.thresholds import global_magnitude_thresholds, streamed_magnitude_threshold
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -134,7 +136,7 @@ def test_global_threshold_equals_kthvalue_of_concatenation():
     experts = [{k: v + torch.randn(v.shape, generator=g) * s for k, v in base.items()}
                for s in (0.01, 0.1)]
     for keep in (0.05, 0.2, 0.77, 1.0):
-        thresholds = M.global_magnitude_thresholds(base, experts, keep)
+        thresholds = global_magnitude_thresholds(base, experts, keep)
         for sd, thr in zip(experts, thresholds):
             mags = torch.cat([(sd[k] - base[k]).abs().reshape(-1) for k in base])
             k = int(keep * mags.numel())
@@ -145,15 +147,15 @@ def test_global_threshold_equals_kthvalue_of_concatenation():
 def test_streamed_threshold_handles_tiny_keep_and_zeros():
     x = torch.zeros(100)
     x[3] = -5.0
-    assert M.streamed_magnitude_threshold(lambda: [x], 0.01) == 5.0
-    assert M.streamed_magnitude_threshold(lambda: [x], 0.005) == math.inf
-    assert M.streamed_magnitude_threshold(lambda: [x], 1.0) == 0.0
+    assert streamed_magnitude_threshold(lambda: [x], 0.01) == 5.0
+    assert streamed_magnitude_threshold(lambda: [x], 0.005) == math.inf
+    assert streamed_magnitude_threshold(lambda: [x], 1.0) == 0.0
 
 
 def test_ties_with_global_thresholds_trims_across_tensors():
     base = {"a": torch.zeros(10), "b": torch.zeros(10)}
     expert = {"a": torch.arange(1.0, 11.0), "b": torch.arange(1.0, 11.0) * 100}
-    (thr,) = M.global_magnitude_thresholds(base, [expert], keep=0.5)
+    (thr,) = global_magnitude_thresholds(base, [expert], keep=0.5)
     assert thr == 100.0                     # all of "b" survives, none of "a"
     a = M.ties(base["a"], [expert["a"]], thresholds=[thr])
     b = M.ties(base["b"], [expert["b"]], thresholds=[thr])
@@ -244,7 +246,7 @@ def test_svd_methods_fall_back_to_task_arithmetic_on_vectors():
     base, thetas = _experts(shape=(12,))
     ta = M.task_arithmetic(base, thetas, lam=0.7)
     for name in ("tsv", "iso_c", "wudi", "optmerge"):
-        _close(M.METHODS[name](base, thetas, lam=0.7), ta)
+        _close(registry.get(name).fn(base, thetas, lam=0.7), ta)
     mean = base + 0.7 * torch.stack(M.task_vectors(base, thetas)).mean(0)
     _close(M.optmerge_lora(base, thetas, lam=0.7), mean)
 
@@ -292,10 +294,10 @@ def test_optmerge_single_expert_is_fixed_point():
 
 def test_optmerge_targets_by_hand():
     taus = [torch.diag(torch.tensor([4.0, 1.0, 0.0])), torch.diag(torch.tensor([0.0, 2.0, 3.0]))]
-    targets, proxies = M.optmerge_targets(taus, k=1, variant="lora")
+    targets, proxies = optmerge_targets(taus, k=1, variant="lora")
     _close(targets[0], torch.diag(torch.tensor([4.0, 0.0, 0.0])))
     _close(proxies[1].abs(), torch.tensor([[0.0, 0.0, 3.0]]))
-    targets, _ = M.optmerge_targets(taus, k=1, variant="full")
+    targets, _ = optmerge_targets(taus, k=1, variant="full")
     mean = torch.diag(torch.tensor([2.0, 1.5, 1.5]))
     # tau_0 - mean = diag(2, -0.5, -1.5): rank-1 keeps the 2
     _close(targets[0], torch.diag(torch.tensor([2.0, 0.0, 0.0])) + mean)
@@ -316,9 +318,9 @@ def test_optmerge_lora_starts_at_mean_and_full_at_sum():
     _close(M.optmerge(base, thetas, steps=0), base + torch.stack(taus).sum(0))
     losses = []
     M.optmerge_lora(base, thetas, steps=1, losses=losses)
-    targets, proxies = M.optmerge_targets(taus, k=7 // 3, variant="lora")
+    targets, proxies = optmerge_targets(taus, k=7 // 3, variant="lora")
     norms = [float(t.pow(2).sum()) for t in taus]
-    assert losses[0] == pytest.approx(float(M.optmerge_loss(torch.stack(taus).mean(0), targets, proxies, norms)))
+    assert losses[0] == pytest.approx(float(optmerge_loss(torch.stack(taus).mean(0), targets, proxies, norms)))
 
 
 def test_optmerge_rank_ratio():
@@ -363,9 +365,9 @@ def test_non_finite_input_names_tensor(bad):
     base, thetas = _experts()
     thetas[1] = thetas[1].clone()
     thetas[1][3, 4] = bad
-    for name in M.METHODS:
+    for name in registry.METHODS:
         with pytest.raises(ValueError, match=r"thetas\[1\]"):
-            M.METHODS[name](base, thetas)
+            registry.get(name).fn(base, thetas)
     with pytest.raises(ValueError, match="theta_0"):
         M.average(thetas[1], [base])
 
@@ -375,13 +377,41 @@ def test_shape_mismatch_and_unknown_method():
     with pytest.raises(ValueError, match=r"thetas\[2\] has shape"):
         M.task_arithmetic(base, thetas[:2] + [thetas[2][:, :3]])
     with pytest.raises(ValueError, match="average, task_arithmetic, ties"):
-        M.get_method("magic")
+        registry.get("magic")
     with pytest.raises(ValueError, match="by must be"):
         M.ties(base, thetas, by="mean")
 
 
-def test_method_options_table_matches_signatures():
-    internal = {"theta_0", "thetas", "seed", "thresholds", "losses"}
-    assert list(METHOD_OPTIONS) == list(M.METHODS)
-    for name, fn in M.METHODS.items():
-        assert set(METHOD_OPTIONS[name]) == set(inspect.signature(fn).parameters) - internal, name
+def test_registry_matches_signatures_and_defaults():
+    """Every registered option is a keyword of the function, with the same default; nothing else is."""
+    internal = {"theta_0", "thetas", "thresholds", "losses"}
+    for name, method in registry.METHODS.items():
+        params = inspect.signature(method.fn).parameters
+        assert set(method.defaults()) == set(params) - internal, name
+        for option, default in method.defaults().items():
+            assert params[option].default == default, (name, option)
+
+
+def test_registry_checks_options():
+    assert registry.get("ties").resolve({"keep": 0.5}) == {"keep": 0.5, "lam": 1.0, "by": "count", "weights": None}
+    for method, options, message in [("ties", {"keep": 0}, "keep must be in"), ("dare_ta", {"drop": 1.0}, "drop must"),
+                                     ("average", {"lam": 2}, "do not apply to method average"),
+                                     ("wudi", {"steps": -1}, "steps must be"), ("task_arithmetic", {"lam": math.nan},
+                                                                                "lam must be a finite")]:
+        with pytest.raises(ValueError, match=message):
+            registry.get(method).resolve(options)
+    assert registry.for_regime("optmerge", "lora").name == "optmerge_lora"
+    assert registry.for_regime("optmerge", "full").name == "optmerge"
+    assert registry.for_regime("ties", "lora").name == "ties"
+
+
+@pytest.mark.parametrize("method,options", [("ties", {"keep": 0.3}), ("dare_ties", {"drop": 0.3, "keep": 0.6}),
+                                            ("ties", {"keep": 0.5, "by": "weight", "weights": [0.5, 1.0, 2.0]})])
+def test_fast_ties_kernel_equals_readable_function(method, options):
+    """The engine's in-place TIES equals trim -> elect -> disjoint mean (DARE seeded per tensor name)."""
+    base, thetas = _experts()
+    fast = kernels.merge_tensor(method, "layers.0.w", base, thetas, options)
+    if method == "dare_ties":
+        options = {**options, "seed": registry.tensor_seed(0, "layers.0.w")}
+    readable = registry.get(method).fn(base, thetas, **options)
+    torch.testing.assert_close(fast, readable, atol=1e-6, rtol=0)

@@ -2,7 +2,7 @@
 
 import json
 
-from mckit import reproduce
+from mckit.report import reproduce
 
 
 def test_write_part_is_collected_into_results(tmp_path):

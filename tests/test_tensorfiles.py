@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mckit import tensorfiles as T
+from mckit.storage import tensorfiles as T
 
 
 def _library_file(path):

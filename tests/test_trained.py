@@ -2,8 +2,10 @@
 
 import pytest
 
-from mckit import zoo
-from mckit.world import MODALITIES
+from mckit.eval.single import evaluate_model
+from mckit.merge.task_vectors import task_vector
+from mckit.models import shipped as zoo
+from mckit.world.entities import MODALITIES
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +18,7 @@ def shipped():
 def test_trained_mllm_identifies_its_modality(shipped, modality, variant):
     world, _ = shipped
     model = zoo.load_model(modality, variant)
-    result = zoo.evaluate_model(model, world, modality, n=200, seed=7).set_index("task")
+    result = evaluate_model(model, world, modality, n=200, seed=7).set_index("task")
     # 40 items per task; chance is 1/32 for identify and 1/4 for attributes. The weakest model
     # (image) measured 0.24-0.26 identify and 0.50-0.56 attribute on 80 held-out items at build time.
     assert result.loc["identify", "acc"] >= 4 / 32, result
@@ -26,8 +28,8 @@ def test_trained_mllm_identifies_its_modality(shipped, modality, variant):
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_task_vectors_are_real_and_lora_is_low_rank(shipped, modality):
     _, base = shipped
-    full = zoo.task_vector(zoo.load_model(modality, "full"), base)
-    lora = zoo.task_vector(zoo.load_model(modality, "lora"), base)
+    full = task_vector(zoo.load_model(modality, "full"), base)
+    lora = task_vector(zoo.load_model(modality, "lora"), base)
     assert set(full) == set(lora) and len(full) == 7 * base.config.num_hidden_layers
     rank = zoo.world_record()["config"]["lora_rank"]
     for name, t in lora.items():

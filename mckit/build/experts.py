@@ -1,0 +1,218 @@
+"""Capability experts for the merging benchmark: one base MLLM, five experts, a multi-task model.
+
+``python -m mckit build-experts`` writes ``data/experts``::
+
+    experts.json               settings, wall times, encoder probes, held-out accuracy per model and task
+    base/                      the base MLLM, a generalist: a general image encoder pretrained on all
+                               five image kinds; its projector aligned on all five tasks (LLM frozen),
+                               then projector + the seven linears of the world's base LLM trained
+                               briefly on all five tasks mixed with text (its LLM is theta_0)
+    models/{task}-{regime}/    an expert: the base fine-tuned on one task (regime full | lora)
+    models/multitask-{regime}/ the base fine-tuned on all five tasks (the upper bound of merging)
+
+Experts train the LLM only (the seven linears, or LoRA on them) with the
+encoder and projector frozen at the base's, so a merged model keeps the base's
+vision side, as in the paper's setting. Each batch mixes 25% text so the LLM
+keeps its text skills. The LLM is the world's base, so tokenizer and
+embeddings are those of every model in ``data/world``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mckit.storage.atomic import atomic_dir
+from mckit.eval.capabilities import capability_batch, eval_items, evaluate_capabilities
+from mckit.models.shipped import MULTITASK, REGIMES, default_experts_dir, model_name
+from mckit.world.capabilities import CHANCE, LABEL_CLASSES, TASKS, CapabilityItem, capability_items, mixed_items
+from mckit.models.checkpoints import save_mllm
+from mckit.models.encoders import ENC_DIM, ENC_TOKENS
+from mckit.models.mllm import MLLM, Batch, Branch
+from mckit.models.training import TEXT_SHARE, Presets, add_lora, fit, llm_trainable, mixed_examples
+from mckit.world.entities import World
+
+@dataclass
+class ExpertsConfig(Presets):
+    seed: int = 0
+    encoder_steps: int = 800
+    encoder_batch: int = 160
+    stage1_steps: int = 600
+    base_steps: int = 150
+    expert_steps: int = 300
+    multitask_steps: int = 750
+    batch: int = 32
+    full_lr: float = 1e-3
+    lora_lr: float = 3e-3
+    lora_rank: int = 32
+    eval_items: int = 200
+
+    KIND: ClassVar[str] = "experts"
+    SMOKE: ClassVar[dict] = dict(encoder_steps=20, encoder_batch=32, stage1_steps=10, base_steps=6,
+                                 expert_steps=8, multitask_steps=8, batch=8, eval_items=8)
+
+
+# --------------------------------------------------------------------------- the general image encoder
+
+def _stack(items: list[CapabilityItem]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([it.image for it in items]))
+
+
+def pretrain_general_encoder(encoder: nn.Module, world: World, steps: int, batch: int, seed: int
+                             ) -> nn.ModuleDict:
+    """Train ``encoder`` to show every task's label (one linear head per task on all its tokens), then freeze it.
+
+    The stand-in for a general vision encoder (CLIP has seen charts, text and scenes
+    too). Returns the heads, for probing.
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 131])
+    flat = ENC_TOKENS["image"] * ENC_DIM
+    heads = nn.ModuleDict({t: nn.Linear(flat, LABEL_CLASSES[t]) for t in TASKS})
+    opt = torch.optim.AdamW(list(encoder.parameters()) + list(heads.parameters()), lr=3e-3, weight_decay=0.01)
+    encoder.train().requires_grad_(True)
+    for _ in tqdm(range(steps), desc="general image encoder", leave=False):
+        items = mixed_items(world, TASKS, batch, rng)
+        feats = encoder(_stack(items)).flatten(1)
+        loss = sum(nn.functional.cross_entropy(heads[t](feats[idx]), torch.tensor([items[i].label for i in idx]))
+                   for t, idx in _by_task(items).items())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    encoder.eval().requires_grad_(False)
+    return heads.eval()
+
+
+def _by_task(items: list[CapabilityItem]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, it in enumerate(items):
+        groups[it.task].append(i)
+    return groups
+
+
+@torch.no_grad()
+def probe_general_encoder(encoder: nn.Module, heads: nn.ModuleDict, world: World, n: int, seed: int
+                          ) -> dict[str, float]:
+    """Held-out accuracy of each task's pretraining head: what the frozen features keep."""
+    out = {}
+    for task in TASKS:
+        items = capability_items(world, task, n, "test", seed)
+        pred = heads[task](encoder(_stack(items)).flatten(1)).argmax(-1)
+        out[task] = float((pred == torch.tensor([it.label for it in items])).float().mean())
+    return out
+
+
+# --------------------------------------------------------------------------- training and evaluation
+
+def train_capabilities(model: MLLM, world: World, tasks: tuple[str, ...], mode: str, steps: int, batch: int,
+                       lr: float, seed: int, text_share: float = TEXT_SHARE, projector: bool = False,
+                       desc: str = "") -> list[float]:
+    """Fine-tune ``model`` on ``tasks`` mixed with text; the encoder stays frozen.
+
+    ``mode``: the LLM's trainable part (full: the seven linears; lora: LoRA on them;
+    frozen: nothing). ``projector``: train the projector too (the base MLLM's stages;
+    experts keep the base's projector).
+    """
+    rng = np.random.default_rng([seed, 141, len(tasks), sum(TASKS.index(t) for t in tasks)])
+    if mode == "lora" and not hasattr(model.llm, "peft_config"):
+        raise ValueError("add LoRA to the model before training it in mode 'lora'")
+    params = llm_trainable(model, mode)
+    head = model.branches["image"].projector
+    head.requires_grad_(projector)
+    if projector:
+        params += list(head.parameters())
+    if not params:
+        raise ValueError("nothing to train: mode 'frozen' needs projector=True")
+    n_text = int(round(batch * text_share))
+
+    def next_batch(_: int) -> Batch:
+        return capability_batch(model, mixed_items(world, tasks, batch - n_text, rng),
+                                mixed_examples(world, rng, n_text, None, {}))
+
+    return fit(model, params, next_batch, steps, lr, desc or f"{'+'.join(tasks)} ({mode})")
+
+
+# --------------------------------------------------------------------------- build
+
+def build_experts(out: str | Path, world_dir: str | Path | None = None, config: ExpertsConfig | None = None,
+                  overwrite: bool = False) -> dict:
+    """Train the base MLLM, the five experts and the multi-task model in both regimes; write them atomically."""
+    from mckit.models.shipped import default_world_dir, load_base, load_tokenizer, load_world
+
+    cfg = config or ExpertsConfig()
+    world_dir = Path(world_dir) if world_dir is not None else default_world_dir()
+    world = load_world(world_dir)
+    base_llm = load_base(world_dir)
+    tokenizer = load_tokenizer(world_dir)
+    test = eval_items(world, "test", cfg.eval_items, cfg.seed)
+    record: dict = {"seed": cfg.seed, "config": asdict(cfg), "world": world_dir.name, "chance": CHANCE,
+                    "seconds": {}, "models": {}}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        record["seconds"][name] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
+
+    with atomic_dir(Path(out), overwrite) as tmp:
+        torch.manual_seed(cfg.seed)
+        branch = Branch("image", base_llm.config.hidden_size)
+        heads = pretrain_general_encoder(branch.encoder, world, cfg.encoder_steps, cfg.encoder_batch, cfg.seed)
+        record["encoder_probe"] = probe_general_encoder(branch.encoder, heads, world, cfg.eval_items, cfg.seed)
+        lap("encoder")
+        base = MLLM(copy.deepcopy(base_llm), tokenizer, {"image": branch})
+        train_capabilities(base, world, TASKS, "frozen", cfg.stage1_steps, cfg.batch, 3e-3, cfg.seed, text_share=0.0,
+                           projector=True, desc="base MLLM: projector alignment")
+        train_capabilities(base, world, TASKS, "full", cfg.base_steps, cfg.batch, cfg.full_lr, cfg.seed + 1,
+                           projector=True, desc="base MLLM: generalist instruction tuning")
+        save_mllm(base, tmp / "base")
+        record["models"]["base"] = evaluate_capabilities(base, test)
+        lap("base")
+        theta_0 = base.llm
+        jobs = [(t, (t,), cfg.expert_steps) for t in TASKS] + [(MULTITASK, TASKS, cfg.multitask_steps)]
+        for name, tasks, steps in tqdm(jobs, desc="experts"):
+            for regime in REGIMES:
+                model = MLLM(copy.deepcopy(theta_0), tokenizer, {"image": copy.deepcopy(branch)})
+                if regime == "lora":
+                    add_lora(model, rank=cfg.lora_rank)
+                lr = cfg.full_lr if regime == "full" else cfg.lora_lr
+                train_capabilities(model, world, tasks, regime, steps, cfg.batch, lr, cfg.seed)
+                # LoRA adapters point at the base's LLM by a relative path (the same from the temporary sibling)
+                save_mllm(model, tmp / "models" / model_name(name, regime),
+                          base_path=tmp / "base" / "llm" if regime == "lora" else None)
+                record["models"][model_name(name, regime)] = evaluate_capabilities(model, test)
+                lap(model_name(name, regime))
+        record["seconds"]["total"] = round(sum(record["seconds"].values()), 1)
+        (tmp / "experts.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+# --------------------------------------------------------------------------- loading
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("build-experts", help="train the capability experts of the merging benchmark")
+    p.add_argument("--out", default=str(default_experts_dir()))
+    p.add_argument("--world", default=None, help="toy world directory (default: data/world)")
+    p.add_argument("--preset", default="full", choices=["full", "smoke"])
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    record = build_experts(args.out, args.world, ExpertsConfig.preset(args.preset), overwrite=args.overwrite)
+    print(json.dumps({"seconds": record["seconds"], "encoder_probe": record["encoder_probe"]}, indent=1))
+    for name, tasks in record["models"].items():
+        print(name, {t: round(r["acc"], 3) for t, r in tasks.items()})
+    return 0
+
+

@@ -1,0 +1,1 @@
+"""Layer 4, composition: one MLLM from several (static merges, NaiveMC, controls, routed deltas)."""

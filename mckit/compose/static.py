@@ -1,0 +1,192 @@
+"""Model composition without training: NaiveMC, task arithmetic, the frozen-LLM composition, controls.
+
+Every composed model keeps each source model's encoder + projector (branches
+are copied, never merged) and gets one LLM:
+
+- NaiveMC (METHODS.md 2):   theta = theta_0 + (1/N) * sum_i tau_i
+- task arithmetic:          theta = theta_0 + lambda * sum_i tau_i
+- frozen composition:       theta = theta_0 (projector-only source models)
+
+where tau_i is model i's task vector (for LoRA, the product dW_i = scale * B_i A_i,
+never A and B averaged separately). The controls separate the causes of a gain
+or a loss: ``dilution`` (theta_0 + tau_m / N with modality m alone: the 1/N
+shrinkage without any other modality), ``all_projectors`` (model m's own LLM fed
+every modality through the other models' projectors: the shared embedding
+space without averaging) and the frozen LLM with projectors trained on the
+instruction data (variant ``frozen`` of :mod:`mckit.build.world`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+
+from mckit.models.checkpoints import CheckpointError
+from mckit.merge.kernels import merge_tensor
+from mckit.merge.methods import lora_delta
+from mckit.models.mllm import MLLM
+from mckit.merge.task_vectors import task_vector
+
+#: LLM tensors stage 2 never trains: equal to the base's in every model built on it.
+FROZEN_TENSORS = ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight")
+
+
+def _plain_llm(model: MLLM) -> torch.nn.Module:
+    llm = model.llm
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
+
+def check_same_base(models: Mapping[str, MLLM], base: torch.nn.Module) -> None:
+    """Raise :class:`CheckpointError` unless every model was built on ``base`` (frozen tensors equal)."""
+    ref = base.state_dict()
+    for mod, model in models.items():
+        state = _plain_llm(model).state_dict()
+        for name in FROZEN_TENSORS:
+            key = next((k for k in state if k.endswith(name)), None)
+            if key is None or state[key].shape != ref[name].shape or not torch.equal(state[key], ref[name]):
+                raise CheckpointError(f"the {mod} model was built on another base LLM: tensor {name!r} differs "
+                                      "from the base's; models can only be composed over one base")
+
+
+def _check_models(models: Mapping[str, MLLM]) -> None:
+    if not models:
+        raise ValueError("nothing to compose: give at least one model")
+    for mod, model in models.items():
+        if model.modalities != [mod]:
+            raise ValueError(f"models must be single-modality and keyed by their modality; the model under "
+                             f"{mod!r} has {model.modalities}")
+
+
+def as_dict(models) -> dict[str, MLLM]:
+    """A list of single-modality models -> {modality: model}; a duplicated modality is an error."""
+    if isinstance(models, Mapping):
+        return dict(models)
+    out: dict[str, MLLM] = {}
+    for model in models:
+        for mod in model.modalities:
+            if mod in out:
+                raise ValueError(f"modality {mod!r} appears twice; compose at most one model per modality")
+            out[mod] = model
+    return out
+
+
+def with_llm(llm: torch.nn.Module, models: Mapping[str, MLLM]) -> MLLM:
+    """One MLLM: ``llm`` and a copy of every model's branch (encoder + projector)."""
+    any_model = next(iter(models.values()))
+    branches = {mod: copy.deepcopy(m.branches[mod]) for mod, m in models.items()}
+    return MLLM(llm, any_model.tokenizer, branches).eval()
+
+
+def add_deltas(base: torch.nn.Module, deltas: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of ``base`` with ``deltas`` added to the named weights (float32 maths)."""
+    llm = copy.deepcopy(base)
+    state = llm.state_dict()
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            state[name].copy_((state[name].float() + delta).to(state[name].dtype))
+    return llm.eval()
+
+
+def merged_deltas(taus: list[dict[str, torch.Tensor]], lam: float | list[float]) -> dict[str, torch.Tensor]:
+    """sum_i lambda_i * tau_i per tensor (a tensor missing from a task vector counts as zero)."""
+    lams = [lam] * len(taus) if isinstance(lam, (int, float)) else list(lam)
+    names = sorted({n for t in taus for n in t})
+    out = {}
+    for name in names:
+        ref = next(t[name] for t in taus if name in t)
+        out[name] = sum(l * t.get(name, torch.zeros_like(ref)) for l, t in zip(lams, taus))
+    return out
+
+
+def task_arithmetic_compose(models, base: torch.nn.Module, lam: float) -> MLLM:
+    """theta_0 + lambda * sum_i tau_i, with every model's branch. ``models``: list or {modality: model}."""
+    models = as_dict(models)
+    _check_models(models)
+    check_same_base(models, base)
+    taus = [task_vector(m, base) for m in models.values()]
+    return with_llm(add_deltas(base, merged_deltas(taus, lam)), models)
+
+
+def naivemc(models, base: torch.nn.Module) -> MLLM:
+    """NaiveMC: theta_0 + (1/N) sum_i tau_i (LoRA: average of the products B A), every branch kept."""
+    models = as_dict(models)
+    return task_arithmetic_compose(models, base, 1.0 / len(models))
+
+
+def method_deltas(taus: list[dict[str, torch.Tensor]], base: torch.nn.Module, method: str,
+                  **options) -> dict[str, torch.Tensor]:
+    """Per weight: ``method(theta_0, [theta_0 + tau_i for i], **options) - theta_0`` (float32).
+
+    The registry's defaults fill the options; DARE masks are seeded per weight name
+    (:func:`mckit.merge.kernels.merge_tensor`), as in the streaming engine. A weight
+    missing from a task vector counts as unchanged (tau_i = 0) for that model.
+    """
+    ref = base.state_dict()
+    deltas = {}
+    for name in sorted({n for t in taus for n in t}):
+        theta_0 = ref[name].float()
+        thetas = [theta_0 + t[name] if name in t else theta_0 for t in taus]
+        deltas[name] = merge_tensor(method, name, theta_0, thetas, options) - theta_0
+    return deltas
+
+
+def frozen_compose(models, base: torch.nn.Module) -> MLLM:
+    """The frozen-LLM composition: theta_0 itself with every model's projector (models must not change the LLM)."""
+    models = as_dict(models)
+    _check_models(models)
+    check_same_base(models, base)
+    for mod, model in models.items():
+        if task_vector(model, base):
+            raise ValueError(f"the {mod} model changed its LLM; the frozen composition takes projector-only models")
+    return with_llm(copy.deepcopy(base).eval(), models)
+
+
+def dilution_control(model: MLLM, base: torch.nn.Module, n: int) -> MLLM:
+    """Control "dilution": theta_0 + tau_m / N with modality m's branch only (NaiveMC's shrinkage, no conflict)."""
+    return task_arithmetic_compose({model.modalities[0]: model}, base, 1.0 / n)
+
+
+def all_projectors_control(model: MLLM, others) -> MLLM:
+    """Control "all projectors": model m's own LLM, fed every modality through its source model's projector."""
+    others = as_dict(others)
+    mod = model.modalities[0]
+    branches = {m: o for m, o in others.items() if m != mod}
+    return with_llm(_merged_copy(model), {mod: model, **branches})
+
+
+def _merged_copy(model: MLLM) -> torch.nn.Module:
+    """A plain LLM equal to ``model``'s (LoRA folded into the weights)."""
+    llm = copy.deepcopy(model.llm)
+    return llm.merge_and_unload() if hasattr(llm, "peft_config") else llm
+
+
+def lora_factor_average(models, base: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trap NaiveMC avoids: scale * mean_i(B_i) @ mean_i(A_i) per linear (NOT the average update).
+
+    Returned as deltas keyed by weight name, to compare with the correct
+    ``mean_i(scale * B_i A_i)`` of :func:`merged_deltas`.
+    """
+    models = list(as_dict(models).values())
+    out = {}
+    for name, module in models[0].llm.named_modules():
+        if not (hasattr(module, "lora_A") and "default" in module.lora_A):
+            continue
+        mods = [dict(m.llm.named_modules())[name] for m in models]
+        A = torch.stack([m.lora_A["default"].weight.float() for m in mods]).mean(0)
+        B = torch.stack([m.lora_B["default"].weight.float() for m in mods]).mean(0)
+        out[name.removeprefix("base_model.model.") + ".weight"] = lora_delta(A, B, module.scaling["default"])
+    return out
+
+
+def lora_trap_table(models, base: torch.nn.Module) -> "pd.DataFrame":
+    """Per adapted linear: ||mean(B) mean(A) - mean(B A)|| / ||mean(B A)||, the error of averaging factors."""
+    import pandas as pd
+
+    models = as_dict(models)
+    right = merged_deltas([task_vector(m, base) for m in models.values()], 1.0 / len(models))
+    wrong = lora_factor_average(models, base)
+    rows = [{"tensor": name, "relative_error": float((wrong[name] - right[name]).norm() / right[name].norm())}
+            for name in right]
+    return pd.DataFrame(rows)

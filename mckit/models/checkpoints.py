@@ -1,0 +1,164 @@
+"""Save and load MLLMs with safetensors + JSON, in Hugging Face conventions.
+
+A checkpoint directory holds::
+
+    mllm.json              {"format": "mckit-mllm", "modalities": {...}, "llm": {"kind", "path"}}
+    branches.safetensors   every branch's encoder + projector ("image.encoder.net.0.weight", ...)
+    tokenizer/             the word-level tokenizer (tokenizer.json)
+    llm/                   kind "full": a plain transformers checkpoint (config.json + model.safetensors)
+    adapter/               kind "lora": a peft adapter over the base LLM at ``path``
+
+Kind "base" (frozen LLM, e.g. after stage 1) only points at the base LLM.
+Paths are relative to the checkpoint, so a copied ``data/world`` keeps working.
+Writes are atomic: everything goes to a temporary sibling directory that is
+renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
+
+from mckit.storage.atomic import atomic_dir
+from mckit.models.mllm import MLLM, Branch
+
+FORMAT = "mckit-mllm"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not fit the model it is loaded into."""
+
+
+def branch_state(model: MLLM) -> dict[str, torch.Tensor]:
+    return {f"{m}.{k}": v.detach().contiguous() for m, b in model.branches.items() for k, v in b.state_dict().items()}
+
+
+def check_safetensors(path: Path) -> None:
+    """Open only the header of a safetensors file: a missing or corrupt file becomes a :class:`CheckpointError`."""
+    if not path.is_file():
+        raise CheckpointError(f"missing safetensors file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CheckpointError(f"corrupt safetensors file {path}: {err}") from err
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, turning a missing or corrupt file into a :class:`CheckpointError`."""
+    if not path.is_file():
+        raise CheckpointError(f"missing safetensors file: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CheckpointError(f"corrupt safetensors file {path}: {err}") from err
+
+
+def load_branch_state(branches: dict[str, Branch], tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy tensors into branches, naming any missing, unexpected or mis-shaped tensor."""
+    for mod, branch in branches.items():
+        own = branch.state_dict()
+        for key, ref in own.items():
+            name = f"{mod}.{key}"
+            if name not in tensors:
+                raise CheckpointError(f"{source}: tensor {name!r} is missing")
+            if tensors[name].shape != ref.shape:
+                raise CheckpointError(
+                    f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, model expects {tuple(ref.shape)}"
+                )
+        branch.load_state_dict({k: tensors[f"{mod}.{k}"] for k in own})
+
+
+def save_mllm(model: MLLM, out: str | Path, base_path: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Save ``model`` to ``out``. ``base_path`` (the base LLM dir) is needed for kinds lora and base."""
+    out = Path(out)
+    llm = model.llm
+    kind = "lora" if hasattr(llm, "peft_config") else ("base" if base_path is not None else "full")
+    if kind in ("lora", "base") and base_path is None:
+        raise ValueError("saving a LoRA model needs base_path, the directory of its base LLM")
+    with atomic_dir(out, overwrite) as tmp:
+        save_file(branch_state(model), str(tmp / "branches.safetensors"))
+        model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        llm_entry: dict = {"kind": kind}
+        if kind == "full":
+            llm.save_pretrained(str(tmp / "llm"))
+            llm_entry["path"] = "llm"
+        else:
+            llm_entry["base"] = os.path.relpath(Path(base_path).resolve(), out.resolve())
+            if kind == "lora":
+                llm.save_pretrained(str(tmp / "adapter"))
+                llm_entry["path"] = "adapter"
+        meta = {
+            "format": FORMAT,
+            "modalities": {m: {"projector": b.projector_type, "n_tokens": b.n_tokens} for m, b in model.branches.items()},
+            "llm": llm_entry,
+        }
+        (tmp / "mllm.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def read_meta(path: Path) -> dict:
+    meta_file = path / "mllm.json"
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path} is not an mckit MLLM checkpoint (no mllm.json)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{meta_file} is not valid JSON: {err}") from err
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+@contextmanager
+def quiet_loading():
+    """Silence transformers' per-load "Loading weights" bar (tiny models load in milliseconds)."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def load_llm(path: str | Path):
+    """A plain transformers causal LM from ``path``, with clear errors for missing/corrupt weights."""
+    path = Path(path)
+    check_safetensors(path / "model.safetensors")
+    with quiet_loading():
+        return AutoModelForCausalLM.from_pretrained(str(path)).eval()
+
+
+def load_mllm(path: str | Path, modalities: list[str] | None = None) -> MLLM:
+    """Load an MLLM checkpoint (optionally only some of its branches)."""
+    path = Path(path)
+    meta = read_meta(path)
+    entry = meta["llm"]
+    if entry["kind"] == "full":
+        llm = load_llm(path / entry["path"])
+    else:
+        llm = load_llm((path / entry["base"]).resolve())
+        if entry["kind"] == "lora":
+            check_safetensors(path / entry["path"] / "adapter_model.safetensors")
+            llm = PeftModel.from_pretrained(llm, str(path / entry["path"])).eval()
+    hidden = llm.get_input_embeddings().weight.shape[1]
+    wanted = modalities or list(meta["modalities"])
+    missing = [m for m in wanted if m not in meta["modalities"]]
+    if missing:
+        raise CheckpointError(f"{path}: no branch for modality {missing}; it has {list(meta['modalities'])}")
+    branches = {m: Branch(m, hidden, meta["modalities"][m]["projector"]) for m in wanted}
+    load_branch_state(branches, load_tensors(path / "branches.safetensors"), path / "branches.safetensors")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path / "tokenizer"))
+    model = MLLM(llm, tokenizer, branches).eval()
+    model.requires_grad_(False)
+    return model

@@ -1,0 +1,1 @@
+"""Layer 8, report: plots, the notebooks' helpers, launch links, ``make reproduce``."""

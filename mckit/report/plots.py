@@ -1,0 +1,276 @@
+"""Figures (seaborn/matplotlib): the world's samples, anatomy, task-vector norms."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+
+from mckit.models.encoders import AudioEncoder
+from mckit.world.render import render
+from mckit.world.entities import MODALITIES, World
+
+sns.set_theme(style="white", context="notebook")
+
+
+def draw_input(ax, modality: str, x: np.ndarray, title: str = "") -> None:
+    """Draw one raw input on ``ax``: image, log spectrogram, frame strip, or 3-D point scatter."""
+    if modality == "image":
+        ax.imshow(np.transpose(x, (1, 2, 0)), interpolation="nearest")
+    elif modality == "audio":
+        spec = AudioEncoder.spectrogram(torch.from_numpy(x)[None])[0, 0].numpy()
+        ax.imshow(spec, origin="lower", aspect="auto", cmap="magma")
+    elif modality == "video":
+        ax.imshow(np.concatenate(list(x), axis=1), cmap="gray", interpolation="nearest", vmin=0, vmax=1)
+    elif modality == "point":
+        ax.scatter(x[:, 0], x[:, 1], x[:, 2], c=np.clip(x[:, 3:], 0, 1), s=6)
+        ax.set_zlim(-2, 2)
+    else:
+        raise ValueError(f"unknown modality {modality!r}")
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if modality == "point":
+        ax.set_zticks([])
+
+
+def plot_samples(world: World, entities: list[int], seed: int = 0, levels: tuple[str, ...] = ("high",)) -> plt.Figure:
+    """One row per modality, one column per (entity, level): what each encoder sees."""
+    cols = [(e, lv) for e in entities for lv in levels]
+    fig = plt.figure(figsize=(2.3 * len(cols), 2.2 * len(MODALITIES)))
+    rng = np.random.default_rng(seed)
+    for r, mod in enumerate(MODALITIES):
+        for c, (e, lv) in enumerate(cols):
+            ent = world.entities[e]
+            kw = {"projection": "3d"} if mod == "point" else {}
+            ax = fig.add_subplot(len(MODALITIES), len(cols), r * len(cols) + c + 1, **kw)
+            draw_input(ax, mod, render(mod, world, ent, lv, rng), f"{mod}: {ent.name} ({lv})")
+    fig.tight_layout()
+    return fig
+
+
+def plot_attribute_table(world: World) -> plt.Figure:
+    """Heatmap of entity x family values: every value is held by the same number of entities."""
+    df = pd.DataFrame([{"entity": e.name, **e.attrs} for e in world.entities]).set_index("entity")
+    codes = df.apply(lambda col: pd.Categorical(col).codes)
+    fig, ax = plt.subplots(figsize=(5, 0.22 * len(df) + 1))
+    sns.heatmap(codes, annot=df.values, fmt="", cbar=False, cmap="Pastel1", ax=ax, annot_kws={"fontsize": 7})
+    ax.set_title("entities and their attributes")
+    return fig
+
+
+def plot_task_vector_norms(norms: pd.DataFrame) -> plt.Figure:
+    """One heatmap per source model: layer x module Frobenius norm of its task vector.
+
+    norms: columns ``model``, ``layer``, ``module``, ``norm``.
+    """
+    models = list(dict.fromkeys(norms["model"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models), 2.8), sharey=True, squeeze=False)
+    vmax = norms["norm"].max()
+    for ax, name in zip(axes[0], models):
+        table = norms[norms["model"] == name].pivot(index="layer", columns="module", values="norm")
+        sns.heatmap(table, ax=ax, vmin=0, vmax=vmax, cmap="rocket_r", cbar=ax is axes[0][-1], annot=False)
+        ax.set_title(name, fontsize=10)
+    fig.suptitle("||tau|| per layer and linear (Frobenius)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_anatomy(table: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Horizontal bars: trainable vs frozen parameters per part (log scale)."""
+    long = table.melt(id_vars="part", value_vars=["trainable", "frozen"], var_name="state", value_name="n")
+    long = long[long["n"] > 0]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(table) + 1))
+    sns.barplot(long, y="part", x="n", hue="state", ax=ax, palette={"trainable": "tab:orange", "frozen": "tab:blue"})
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_single_accuracy(table: pd.DataFrame) -> plt.Figure:
+    """Grouped bars of held-out accuracy per task and model, chance marked; columns model, task, acc, chance."""
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    sns.barplot(table, x="task", y="acc", hue="model", ax=ax)
+    for i, (_, chance) in enumerate(table.groupby("task", sort=False)["chance"].first().items()):
+        ax.hlines(chance, i - 0.4, i + 0.4, colors="k", linestyles=":", label="chance" if i == 0 else None)
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    return fig
+
+
+def plot_interference(table: pd.DataFrame) -> plt.Figure:
+    """Heatmaps of modality-pair interference: one row per metric, one column per layer.
+
+    table: :func:`mckit.merge.interference.interference_table` (columns layer, a, b, metric, value).
+    """
+    metrics = list(dict.fromkeys(table["metric"]))
+    layers = sorted(table["layer"].unique())
+    fig, axes = plt.subplots(len(metrics), len(layers), figsize=(2.4 * len(layers) + 1, 2.2 * len(metrics)),
+                             squeeze=False)
+    for r, metric in enumerate(metrics):
+        part = table[table["metric"] == metric]
+        lo, hi = part["value"].min(), part["value"].max()
+        for c, layer in enumerate(layers):
+            grid = part[part["layer"] == layer].pivot(index="a", columns="b", values="value")
+            sns.heatmap(grid, ax=axes[r][c], vmin=lo, vmax=hi, cmap="mako", annot=True, fmt=".2f",
+                        annot_kws={"fontsize": 7}, cbar=c == len(layers) - 1)
+            axes[r][c].set_title(f"{metric} · layer {layer}", fontsize=9)
+            axes[r][c].set_xlabel("")
+            axes[r][c].set_ylabel("")
+    fig.tight_layout()
+    return fig
+
+
+def _ci_bars(ax, frame: pd.DataFrame, colours: list[str], chance: float | None) -> None:
+    """One bar per row (columns system, acc, ci_low, ci_high) with its 95% interval; chance dotted."""
+    ax.bar(range(len(frame)), frame["acc"], color=colours,
+           yerr=[frame["acc"] - frame["ci_low"], frame["ci_high"] - frame["acc"]], capsize=2)
+    if chance is not None:
+        ax.axhline(chance, color="k", ls=":", lw=1, label="chance")
+    ax.set_xticks(range(len(frame)), frame["system"], rotation=35, ha="right", fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+
+
+def plot_mcub(frame: pd.DataFrame, protocol: str) -> plt.Figure:
+    """Bars with 95% CIs: accuracy of every system on every split under ``protocol``, chance marked.
+
+    frame: :func:`mckit.experiments.composition.mcub_frame`.
+    """
+    part = frame[frame["protocol"] == protocol]
+    splits = list(dict.fromkeys(part["split"]))
+    fig, axes = plt.subplots(len(splits), 1, figsize=(11, 2.6 * len(splits)), squeeze=False, sharex=False)
+    for ax, split in zip(axes[:, 0], splits):
+        g = part[part["split"] == split].reset_index(drop=True)
+        colours = ["tab:green" if s == "naivemc" else "tab:gray" if s.startswith("control") else "tab:blue"
+                   for s in g["system"]]
+        _ci_bars(ax, g, colours, 0.25)
+        ax.set_title(f"{split} ({protocol}, n={int(g['n'].iloc[0])}, 95% Wilson CI)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_mcub_item(items_media: dict[str, list[np.ndarray]], title: str = "") -> plt.Figure:
+    """Draw the inputs of one benchmark item side by side (``{modality: [array, ...]}``)."""
+    pairs = [(m, x) for m, xs in items_media.items() for x in xs]
+    fig = plt.figure(figsize=(3 * len(pairs), 3))
+    for i, (mod, x) in enumerate(pairs):
+        ax = fig.add_subplot(1, len(pairs), i + 1, **({"projection": "3d"} if mod == "point" else {}))
+        draw_input(ax, mod, x, mod)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_describe_conflict(conflict: dict[str, dict[str, dict[str, float]]]) -> plt.Figure:
+    """Stacked bars: which modality's meaning of "describe it" each system's answers follow.
+
+    conflict: :func:`mckit.experiments.composition.describe_conflict` (``{modality: {system: {own, other, invalid, n}}}``).
+    """
+    rows = [{"modality": m, "system": s, "own": r["own"], "other": r["other"], "invalid": r["invalid"]}
+            for m, systems in conflict.items() for s, r in systems.items()]
+    frame = pd.DataFrame(rows).set_index(["modality", "system"])
+    colours = {"own": "tab:green", "other": "tab:red", "invalid": "tab:gray"}
+    fig, ax = plt.subplots(figsize=(1.1 * len(frame) + 2, 3.2))
+    bottom = np.zeros(len(frame))
+    for part, colour in colours.items():
+        ax.bar(range(len(frame)), frame[part], bottom=bottom, color=colour, label=part)
+        bottom += frame[part].to_numpy()
+    ax.set_xticks(range(len(frame)), [f"{m}\n{s}" for m, s in frame.index], fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel('share of "describe it" answers')
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, 1.18))
+    fig.tight_layout()
+    return fig
+
+
+def plot_capability_items(items_by_task: dict[str, list], columns: int = 4) -> plt.Figure:
+    """Example images of each capability task, titled with the question and the gold answer.
+
+    items_by_task: ``{task: [CapabilityItem, ...]}`` (see :func:`mckit.world.capabilities.capability_items`).
+    """
+    rows = len(items_by_task)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.2 * rows), squeeze=False)
+    for r, (task, items) in enumerate(items_by_task.items()):
+        for c in range(columns):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(items):
+                it = items[c]
+                ax.imshow(np.transpose(it.image, (1, 2, 0)), interpolation="nearest")
+                question = it.prompt.split(" . ", 1)[1]
+                ax.set_title(f"{task}: {question}\n-> {it.answer}", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_zoo(frame: pd.DataFrame) -> plt.Figure:
+    """Heatmaps (one per regime): test accuracy of every system on every capability task and their mean.
+
+    frame: :func:`mckit.experiments.merging_zoo.capability_frame` rows of one or more regimes.
+    """
+    regimes = list(dict.fromkeys(frame["regime"]))
+    fig, axes = plt.subplots(1, len(regimes), figsize=(5.2 * len(regimes), 0.36 * frame["system"].nunique() + 1.6),
+                             squeeze=False)
+    for ax, regime in zip(axes[0], regimes):
+        part = frame[frame["regime"] == regime]
+        grid = part.pivot_table(index="system", columns="task", values="acc", sort=False)
+        sns.heatmap(grid, ax=ax, vmin=0, vmax=1, cmap="viridis", annot=True, fmt=".2f", annot_kws={"fontsize": 7},
+                    cbar=ax is axes[0][-1])
+        ax.set_title(f"{regime} fine-tuning: test accuracy", fontsize=10)
+        ax.tick_params(axis="x", rotation=45)
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+    fig.tight_layout()
+    return fig
+
+
+def plot_lambda_curves(tables: dict[str, dict[str, dict]]) -> plt.Figure:
+    """Validation score against lambda for every method (one panel per table, e.g. per regime); chosen lambda dotted."""
+    fig, axes = plt.subplots(1, len(tables), figsize=(5 * len(tables), 3.4), squeeze=False)
+    for ax, (title, table) in zip(axes[0], tables.items()):
+        for name, row in table.items():
+            if row.get("val"):
+                lams = [float(k) for k in row["val"]]
+                line, = ax.plot(lams, list(row["val"].values()), marker="o", ms=3, label=name)
+                ax.axvline(row["lam"], color=line.get_color(), ls=":", lw=0.8)
+        ax.set_xlabel("lambda")
+        ax.set_ylabel("validation accuracy")
+        ax.set_title(title, fontsize=10)
+    axes[0][-1].legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_bars(frame: pd.DataFrame, title: str, chance: float | None = None) -> plt.Figure:
+    """Bars with 95% CIs, one per system (frame columns: system, acc, ci_low, ci_high)."""
+    fig, ax = plt.subplots(figsize=(0.55 * len(frame) + 2, 3.2))
+    colours = ["tab:gray" if s.startswith("single:") else "tab:green" if s == "naivemc" else "tab:blue"
+               for s in frame["system"]]
+    _ci_bars(ax, frame.reset_index(drop=True), colours, chance)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_seeds(frame: pd.DataFrame, title: str) -> plt.Figure:
+    """Accuracy of each system for every training seed (points) and their mean (bar).
+
+    frame: :func:`mckit.experiments.composition.seed_table` (columns seed, system, acc).
+    """
+    fig, ax = plt.subplots(figsize=(0.9 * frame["system"].nunique() + 2, 3.2))
+    sns.barplot(frame, x="system", y="acc", ax=ax, color="lightsteelblue", errorbar=None)
+    sns.stripplot(frame, x="system", y="acc", hue="seed", ax=ax, palette="dark:k", size=5, jitter=0.15)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_xlabel("")
+    ax.set_title(title, fontsize=10)
+    ax.legend(title="seed", fontsize=7, title_fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,221 @@
+"""``python -m mckit reproduce --mode {smoke,full} --out DIR``: run every notebook, collect the numbers.
+
+Each notebook runs under papermill with ``MODE`` injected; executed copies are
+kept in ``DIR/notebooks``. ``DIR/results.json`` and ``DIR/REPORT.md`` gather
+the numbers (fractions in 0..1, each with n and a 95% interval). Outputs are
+written atomically: a failed run leaves the previous ``DIR`` untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from mckit.storage.atomic import atomic_dir, atomic_write_text
+from mckit.models.shipped import accuracy_table, world_record
+
+from mckit.storage.paths import REPO_ROOT as ROOT
+
+
+def notebooks() -> list[Path]:
+    return sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def _declares(nb: Path, name: str) -> bool:
+    """Whether the notebook's parameters cell declares ``name``."""
+    cells = json.loads(nb.read_text())["cells"]
+    params = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    return any(line.startswith(f"{name} =") for c in params for line in "".join(c["source"]).splitlines())
+
+
+def run_notebooks(out: Path, mode: str, parts: Path) -> dict[str, float]:
+    """Execute every notebook with papermill into ``out``; returns wall seconds per notebook.
+
+    Notebooks that declare an ``OUT`` parameter get the absolute path of ``parts`` and
+    write their numbers there with :func:`write_part` (they run with the notebooks
+    folder as working directory, so a relative path would land in the wrong place).
+    """
+    import papermill
+
+    seconds = {}
+    for nb in tqdm(notebooks(), desc="notebooks"):
+        start = time.perf_counter()
+        params = {"MODE": mode, **({"OUT": str(Path(parts).resolve())} if _declares(nb, "OUT") else {})}
+        papermill.execute_notebook(str(nb), str(out / nb.name), parameters=params, cwd=str(nb.parent),
+                                   kernel_name="python3", progress_bar=False)
+        seconds[nb.stem] = round(time.perf_counter() - start, 1)
+    return seconds
+
+
+def write_part(parts: str | Path | None, name: str, obj: dict) -> Path | None:
+    """Write ``obj`` as ``parts/name.json`` (temp file + rename); a no-op when ``parts`` is None.
+
+    A notebook's ``OUT`` parameter is ``parts``: :func:`collect` merges every part
+    into results.json, so a part's top-level keys become results.json's.
+    """
+    if parts is None:
+        return None
+    return atomic_write_text(Path(parts) / f"{name}.json", json.dumps(obj, indent=1))
+
+
+#: The papers' numbers the kit's are shown beside (METHODS.md 5; MMER, 7B models, %).
+PAPER = {"retention": {"naivemc": {"accuracies": 0.883, "scores": 0.975}}}
+
+
+def world_models(record: dict) -> dict:
+    """The build record's held-out accuracies of every single-modality model, per modality, variant, task."""
+    out: dict[str, dict] = {}
+    for row in accuracy_table(record).itertuples():
+        out.setdefault(row.modality, {}).setdefault(row.variant, {})[row.task] = {
+            "acc": row.acc, "ci95": [row.ci_low, row.ci_high], "n": row.n, "chance": row.chance,
+            "protocol": "exact_match"}
+    return out
+
+
+def collect(mode: str, seconds: dict[str, float], parts: Path) -> dict:
+    """results.json: what the notebooks wrote under ``parts`` plus the world's build record."""
+    record = world_record()
+    results = {"mode": mode, "seeds": [record["seed"]]}
+    for part in sorted(parts.glob("*.json")):
+        results.update(json.loads(part.read_text()))
+    results.update({"world_models": world_models(record), "paper": PAPER, "notebook_seconds": seconds,
+                    "world_build_seconds": record["seconds"]})
+    return results
+
+
+def _acc(r: dict) -> str:
+    return f"{r['acc']:.3f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
+
+
+def mcub_table(table: dict[str, dict[str, dict]], protocol: str) -> list[str]:
+    """Markdown: systems as rows, splits as columns, acc [95% CI]."""
+    splits = list(table)
+    systems = list(dict.fromkeys(name for split in splits for name in table[split]))
+    n = {s: next(iter(table[s].values()))["n"] for s in splits}
+    lines = [f"Protocol: `{protocol}`; n per split: " + ", ".join(f"{s} {n[s]}" for s in splits) + ".", "",
+             "| system | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
+    for name in systems:
+        cells = [_acc(table[s][name]) if name in table[s] else "" for s in splits]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def seed_section(rows: list[dict]) -> list[str]:
+    """Markdown: MCUB-4 option-score accuracy per system and training seed, with the spread across seeds."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    table = frame.pivot_table(index="system", columns="seed", values="acc", sort=False)
+    table.columns = [f"seed {c}" for c in table.columns]
+    table["spread"] = table.max(axis=1) - table.min(axis=1)
+    gaps = frame.dropna(subset=["gap_points"]) if "gap_points" in frame else frame.iloc[:0]
+    lines = ["", "### Across training seeds of the single-modality models (MCUB-4, option score)", ""]
+    lines += markdown(table, 3)
+    if len(gaps):
+        lines += ["", "NaiveMC minus the best single model, per seed (points): "
+                  + ", ".join(f"seed {int(r.seed)}: {r.gap_points:+.1f}" for r in gaps.itertuples()) + "."]
+    return lines
+
+
+def conflict_table(conflict: dict[str, dict[str, dict]]) -> list[str]:
+    """Markdown: per modality and system, the share of "describe it" answers that follow each meaning."""
+    lines = ["", '### Conflict or dilution? Whose meaning of "describe it" the answers follow', "",
+             "| modality | system | own | another modality's | invalid | n |", "|---|---|---|---|---|---|"]
+    for mod, by_system in conflict.items():
+        lines += [f"| {mod} | {name} | {r['own']:.2f} | {r['other']:.2f} | {r['invalid']:.2f} | {r['n']} |"
+                  for name, r in by_system.items()]
+    return lines
+
+
+def markdown(frame: "pd.DataFrame", digits: int = 2) -> list[str]:
+    """A DataFrame as Markdown table lines (index first; missing values left blank)."""
+    import pandas as pd
+
+    def cell(v) -> str:
+        if v is None or (isinstance(v, float) and pd.isna(v)):
+            return ""
+        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+    lines = ["| | " + " | ".join(map(str, frame.columns)) + " |", "|---" * (len(frame.columns) + 1) + "|"]
+    lines += [f"| {idx} | " + " | ".join(cell(v) for v in row) + " |" for idx, row in zip(frame.index, frame.values)]
+    return lines
+
+
+def zoo_section(zoo: dict) -> list[str]:
+    """REPORT.md: the merging benchmark beside the paper (capabilities, rank ratio, modality merging)."""
+    from mckit.experiments import merging_zoo as merge_bench
+
+    lines = ["## The merging-algorithm zoo (capability experts, test items, exact match)", "",
+             f"Mean accuracy (%) over the five capability tasks ({zoo['n_test_per_task']} test items per task; "
+             f"lambda chosen on {zoo['n_val_per_task']} validation items per task). Paper: "
+             + "; ".join(f"{r}: {m}" for r, m in merge_bench.PAPER["capabilities_models"].items()) + ".", ""]
+    lines += markdown(merge_bench.capability_summary(zoo["capabilities"]))
+    for regime, table in zoo["capabilities"].items():
+        lines += ["", f"Per task, {regime} fine-tuning:", ""]
+        lines += markdown(merge_bench.task_table(merge_bench.capability_frame(table, regime)), 3)
+    if zoo.get("rank_ratio"):
+        lines += ["", "### OptMerge rank ratio (full fine-tuning, mean %)", ""]
+        lines += markdown(merge_bench.rank_summary(zoo["rank_ratio"]))
+    lines += ["", f"### Modality merging ({zoo['modality_variant']} models, {merge_bench.MODALITY_SPLIT}, "
+                  "option score, %; paper: mean of MUSIC-AVQA and AVQA)", ""]
+    lines += markdown(merge_bench.modality_summary(zoo["modalities"]))
+    return lines + [""]
+
+
+def report(results: dict) -> str:
+    """REPORT.md: the MCUB tables (both protocols), retention beside the paper, the world's models, timings."""
+    lines = [f"# mckit results ({results['mode']} mode, seeds {results['seeds']})", ""]
+    if "mcub" in results:
+        lines += ["## MCUB on the toy world (test items, 95% Wilson CI)", "",
+                  "The paper's MCUB numbers are not reproduced here (7B models, real media); what carries over is "
+                  "the comparison: NaiveMC against the best single-modality model on each split.", ""]
+        lines += mcub_table(results["mcub"], "letter") + [""] + mcub_table(results["mcub_option_score"], "option_score")
+        lines += ["", "| protocol | split | NaiveMC | best single | gap (points) |", "|---|---|---|---|---|"]
+        lines += [f"| {h['protocol']} | {h['split']} | {h['naivemc']:.3f} | {h['best_single']:.3f} "
+                  f"({h['best_single_system']}) | {h['gap_points']:+.1f} |" for h in results["headline"]]
+        lines += ["", "## Retention on the modalities' own tasks (Eq. 8)", "",
+                  "| system | kit (exact match) | paper (MMER, accuracies) | paper (scores) |", "|---|---|---|---|"]
+        for name, value in results["retention"].items():
+            paper = PAPER["retention"].get(name, {})
+            lines.append(f"| {name} | {value:.3f} | {paper.get('accuracies', '')} | {paper.get('scores', '')} |")
+        if "mcub_seeds" in results:
+            lines += seed_section(results["mcub_seeds"])
+        if "describe_conflict" in results:
+            lines += conflict_table(results["describe_conflict"])
+        t = results["throughput"]
+        lines += ["", f"Fast path {t['fast_items_per_s']:.0f} items/s vs generate {t['generate_items_per_s']:.0f} "
+                      f"items/s ({t['speedup']:.1f}x; agreement {t['agreement']:.3f} on {t['n']} items, "
+                      f"device {results.get('device', 'cpu')}).", ""]
+    if "zoo" in results:
+        lines += zoo_section(results["zoo"])
+    lines += ["## Single-modality MLLMs of the toy world (held-out renders, exact match, 95% Wilson CI)", "",
+              "| modality | variant | task | acc | 95% CI | n | chance |", "|---|---|---|---|---|---|---|"]
+    for mod, variants in results["world_models"].items():
+        for variant, tasks in variants.items():
+            for task, r in tasks.items():
+                lines.append(f"| {mod} | {variant} | {task} | {r['acc']:.3f} | {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}"
+                             f" | {r['n']} | {r['chance']:.3f} |")
+    lines += ["", "## Executed notebooks", ""]
+    lines += [f"- [{name}](notebooks/{name}.ipynb): {s:.0f} s" for name, s in results["notebook_seconds"].items()]
+    lines += ["", f"Total: {sum(results['notebook_seconds'].values()):.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def reproduce(out: str | Path, mode: str = "full", overwrite: bool = True) -> dict:
+    with atomic_dir(Path(out), overwrite=overwrite) as tmp:
+        (tmp / "notebooks").mkdir()
+        parts = tmp / "parts"
+        results = collect(mode, run_notebooks(tmp / "notebooks", mode, parts), parts)
+        (tmp / "results.json").write_text(json.dumps(results, indent=2))
+        (tmp / "REPORT.md").write_text(report(results))
+    return results
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("reproduce", help="run every notebook with papermill and write results.json + REPORT.md")
+    p.add_argument("--mode", default="full", choices=["smoke", "full"])
+    p.add_argument("--out", default="results")
+    p.set_defaults(func=lambda args: reproduce(args.out, args.mode) and 0)
