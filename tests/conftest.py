@@ -33,12 +33,12 @@ def tokenizer(world):
 @pytest.fixture()
 def tiny_mllm(tokenizer):
     """A random tiny MLLM with all four branches (hidden 32, 2 layers)."""
-    from mckit.models.mllm import MLLM, Branch
+    from mckit.models.mllm import MLLM, toy_branch
     from mckit.models.training import make_llm
     from mckit.world.entities import MODALITIES
 
     llm = make_llm(tokenizer, hidden=32, layers=2, heads=2, intermediate=64, seed=0).eval()
-    return MLLM(llm, tokenizer, {m: Branch(m, 32) for m in MODALITIES}).eval()
+    return MLLM(llm, tokenizer, {m: toy_branch(m, 32) for m in MODALITIES}).eval()
 
 
 @pytest.fixture(scope="session")

@@ -52,10 +52,10 @@ def test_unknown_preset():
 def test_pretraining_updates_a_frozen_branch_encoder(world):
     """Branches hold frozen encoders; pretraining must still train them (and freeze them again)."""
     from mckit.models.encoders import pretrain_encoder
-    from mckit.models.mllm import Branch
+    from mckit.models.mllm import toy_branch
     from mckit.world.render import render_bank
 
-    branch = Branch("point", 32)
+    branch = toy_branch("point", 32)
     before = {k: v.clone() for k, v in branch.encoder.state_dict().items()}
     bank = render_bank("point", world, 2, seed=1)
     pretrain_encoder(branch.encoder, *(torch.from_numpy(bank[k]) for k in ("x", "entity", "level")),

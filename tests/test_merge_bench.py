@@ -6,7 +6,7 @@ import torch
 from mckit.merge.task_vectors import task_vector
 from mckit.experiments import merging_zoo as merge_bench
 from mckit.merge.registry import get
-from mckit.models import shipped as zoo
+
 from mckit.world.capabilities import TASKS
 from mckit.build.experts import ExpertsConfig, build_experts
 from mckit.models.shipped import load_expert

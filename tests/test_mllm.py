@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from mckit.models.checkpoints import CheckpointError, load_mllm, save_mllm
-from mckit.models.mllm import split_prompt
+from mckit.models.batch import PLACEHOLDER_ID, split_prompt
 from mckit.world.render import render
 from mckit.world.tasks import chat
 from mckit.models.training import add_lora, make_llm
@@ -34,13 +34,16 @@ def test_splicing_puts_features_at_placeholders(world, tiny_mllm, n):
         prompt = chat(" ".join(f"{m} : <{m}> ." for m in mods) + " what is this ?")
         batch = model.batch([prompt, chat("what is this ?")], [_inputs(world, mods), {}])
         embeds = model.embed(batch)
-        plain = model.llm.get_input_embeddings()(batch.input_ids)
+        plain = model.llm.get_input_embeddings()(batch.input_ids.clamp(min=0))
         touched = torch.zeros(batch.input_ids.shape, dtype=torch.bool)
         for m in mods:
             rows, cols = batch.slots[m]
             expect = model.branches[m].project(batch.feats[m]).reshape(-1, embeds.shape[-1])
             torch.testing.assert_close(embeds[rows, cols], expect)
             touched[rows, cols] = True
+            assert (batch.input_ids[rows, cols] == PLACEHOLDER_ID).all()
+            assert (batch.routes[rows, cols] == model.route_ids[m]).all()
+        assert (batch.routes[~touched] == 0).all() and (batch.input_ids[~touched] >= 0).all()
         assert touched.sum() == sum(model.branches[m].n_tokens for m in mods)
         torch.testing.assert_close(embeds[~touched], plain[~touched])
         # slots appear in prompt order, each right after "<modality> :"

@@ -38,7 +38,7 @@ from mckit.models.shipped import MULTITASK, REGIMES, default_experts_dir, model_
 from mckit.world.capabilities import CHANCE, LABEL_CLASSES, TASKS, CapabilityItem, capability_items, mixed_items
 from mckit.models.checkpoints import save_mllm
 from mckit.models.encoders import ENC_DIM, ENC_TOKENS
-from mckit.models.mllm import MLLM, Batch, Branch
+from mckit.models.mllm import MLLM, Batch, toy_branch
 from mckit.models.training import TEXT_SHARE, Presets, add_lora, fit, llm_trainable, mixed_examples
 from mckit.world.entities import World
 
@@ -166,7 +166,7 @@ def build_experts(out: str | Path, world_dir: str | Path | None = None, config: 
 
     with atomic_dir(Path(out), overwrite) as tmp:
         torch.manual_seed(cfg.seed)
-        branch = Branch("image", base_llm.config.hidden_size)
+        branch = toy_branch("image", base_llm.config.hidden_size)
         heads = pretrain_general_encoder(branch.encoder, world, cfg.encoder_steps, cfg.encoder_batch, cfg.seed)
         record["encoder_probe"] = probe_general_encoder(branch.encoder, heads, world, cfg.eval_items, cfg.seed)
         lap("encoder")

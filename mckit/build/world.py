@@ -32,7 +32,7 @@ from mckit.eval.single import evaluate_single
 from mckit.world.render import TEST_RENDER_SEED, TRAIN_RENDER_SEED
 from mckit.models.checkpoints import save_mllm
 from mckit.models.encoders import pretrain_encoder, probe_accuracy
-from mckit.models.mllm import MLLM, Branch
+from mckit.models.mllm import MLLM, toy_branch
 from mckit.world.render import render_bank
 from mckit.world.tasks import corpus_words
 from mckit.world.tokenizer import train_tokenizer
@@ -91,7 +91,7 @@ def build_world(out: str | Path, config: BuildConfig | None = None, overwrite: b
         lap("text_pretraining")
 
         for mod in tqdm(cfg.modalities, desc="modalities"):
-            branch = Branch(mod, cfg.hidden)
+            branch = toy_branch(mod, cfg.hidden)
             train = render_bank(mod, world, cfg.bank_per_entity, TRAIN_RENDER_SEED)
             test = render_bank(mod, world, max(4, cfg.bank_per_entity // 4), TEST_RENDER_SEED)
             _, heads = pretrain_encoder(branch.encoder, *(torch.from_numpy(train[k]) for k in ("x", "entity", "level")),

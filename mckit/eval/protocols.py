@@ -8,6 +8,7 @@ metric; read from one forward pass, which a test proves equal to ``generate``),
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -141,8 +142,7 @@ def option_score_answers(model: MLLM, items: list[MCUBItem], batch_size: int = 3
         prompts, inputs = item_inputs(model, chunk, answer_with="word")
         rows = [(p, x, opt) for p, x, it in zip(prompts, inputs, chunk) for opt in it.options]
         batch = model.batch([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
-        scores = sequence_logprob(model.llm(inputs_embeds=model.embed(batch), attention_mask=batch.attention_mask,
-                                            position_ids=batch.position_ids).logits, batch.labels)
+        scores = sequence_logprob(model(dataclasses.replace(batch, labels=None)).logits, batch.labels)
         pos = 0
         for it in chunk:
             k = len(it.options)

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from mckit.storage.atomic import atomic_dir
-from mckit.models.mllm import MLLM, Branch
+from mckit.models.mllm import MLLM, Branch, toy_branch
 
 FORMAT = "mckit-mllm"
 
@@ -131,10 +131,24 @@ def quiet_loading():
             hf_logging.enable_progress_bar()
 
 
+def llm_weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a transformers checkpoint: ``model.safetensors``, or every shard its index names."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return [path / "model.safetensors"]
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index} is not a safetensors index (JSON with a weight_map): {err}") from err
+    return [path / name for name in sorted(set(weight_map.values()))]
+
+
 def load_llm(path: str | Path):
-    """A plain transformers causal LM from ``path``, with clear errors for missing/corrupt weights."""
+    """A plain transformers causal LM from ``path`` (single file or sharded with an index), with clear errors
+    for missing or corrupt weights."""
     path = Path(path)
-    check_safetensors(path / "model.safetensors")
+    for file in llm_weight_files(path):
+        check_safetensors(file)
     with quiet_loading():
         return AutoModelForCausalLM.from_pretrained(str(path)).eval()
 
@@ -156,7 +170,7 @@ def load_mllm(path: str | Path, modalities: list[str] | None = None) -> MLLM:
     missing = [m for m in wanted if m not in meta["modalities"]]
     if missing:
         raise CheckpointError(f"{path}: no branch for modality {missing}; it has {list(meta['modalities'])}")
-    branches = {m: Branch(m, hidden, meta["modalities"][m]["projector"]) for m in wanted}
+    branches = {m: toy_branch(m, hidden, meta["modalities"][m]["projector"]) for m in wanted}
     load_branch_state(branches, load_tensors(path / "branches.safetensors"), path / "branches.safetensors")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path / "tokenizer"))
     model = MLLM(llm, tokenizer, branches).eval()
