@@ -341,3 +341,49 @@ def test_linear_merges_never_import_torch(ckpts, tmp_path, method, imports_torch
                           timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-2:] == ["0", str(imports_torch)]
+
+
+REAL_NAMES = {
+    # LLaVA-1.5 (transformers layout): CLIP vision tower, projector, Llama language model
+    "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight": False,
+    "model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight": False,
+    "model.multi_modal_projector.linear_1.weight": False,
+    "model.language_model.layers.0.self_attn.q_proj.weight": True,
+    "model.language_model.layers.0.mlp.down_proj.weight": True,
+    "language_model.model.layers.1.self_attn.o_proj.weight": True,
+    "vision_tower.vision_model.encoder.layers.1.self_attn.v_proj.weight": False,
+    # Qwen2-VL / Qwen2.5-VL: vision blocks (2.5 uses gate/up/down_proj in its vision MLP), Qwen2 language model
+    "model.visual.blocks.0.attn.qkv.weight": False,
+    "model.visual.blocks.0.mlp.gate_proj.weight": False,
+    "visual.blocks.3.mlp.down_proj.weight": False,
+    "model.layers.2.self_attn.k_proj.weight": True,
+    "model.layers.2.mlp.up_proj.weight": True,
+    # Qwen2-Audio / Qwen2.5-Omni thinker: Whisper-style audio tower
+    "audio_tower.layers.0.self_attn.q_proj.weight": False,
+    "thinker.audio_tower.layers.0.mlp.fc2.weight": False,
+    "thinker.model.layers.0.self_attn.v_proj.weight": True,
+    "model.layers.0.input_layernorm.weight": False,
+    "lm_head.weight": False,
+}
+
+
+def test_default_filter_selects_only_the_language_models_linears():
+    pattern = re.compile(E.DEFAULT_INCLUDE)
+    assert {n: bool(pattern.fullmatch(n)) for n in REAL_NAMES} == REAL_NAMES
+
+
+def test_vision_and_audio_towers_are_copied_not_merged(tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    base = {n: torch.randn(4, 4, generator=g) for n in REAL_NAMES}
+    experts = [{n: t + torch.randn(4, 4, generator=g) for n, t in base.items()} for _ in range(2)]
+    dirs = []
+    for i, sd in enumerate([base, *experts]):
+        (tmp_path / str(i)).mkdir()
+        save_file(sd, str(tmp_path / str(i) / "model.safetensors"))
+        dirs.append(tmp_path / str(i))
+    got = load_checkpoint(E.merge_checkpoints("average", dirs[0], dirs[1:], tmp_path / "out", progress=False))
+    for name, merged in REAL_NAMES.items():
+        expected = (experts[0][name] + experts[1][name]) / 2 if merged else base[name]
+        torch.testing.assert_close(got[name], expected, msg=name)

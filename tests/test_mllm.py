@@ -145,3 +145,17 @@ def test_checkpoint_from_another_base(tokenizer, tiny_mllm, tmp_path):
     other_base = make_llm(tokenizer, hidden=48, layers=2, heads=2, intermediate=64)
     with pytest.raises(CheckpointError, match="built on another base"):
         task_vector(tiny_mllm, other_base)
+
+
+def test_load_llm_reads_sharded_checkpoints_and_names_a_missing_shard(tiny_mllm, tmp_path):
+    from mckit.models.checkpoints import load_llm
+
+    tiny_mllm.llm.save_pretrained(tmp_path / "llm", max_shard_size="50KB")
+    shards = sorted((tmp_path / "llm").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "llm" / "model.safetensors.index.json").is_file()
+    loaded = load_llm(tmp_path / "llm")
+    for (ka, va), (kb, vb) in zip(tiny_mllm.llm.state_dict().items(), loaded.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    shards[-1].unlink()
+    with pytest.raises(CheckpointError, match=f"missing safetensors file: .*{shards[-1].name}"):
+        load_llm(tmp_path / "llm")
