@@ -2,10 +2,10 @@
 
 import pytest
 
+from mckit.eval.mcub import SPLITS, load_benchmark, one_entity_oracle, text_items
+from mckit.eval.protocols import OPTION_SCORE, evaluate_items, first_token_answers, generated_answers
 from mckit.experiments import composition as benchmark
 from mckit.models import shipped as zoo
-from mckit.eval.protocols import OPTION_SCORE, evaluate_items, first_token_answers, generated_answers
-from mckit.eval.mcub import SPLITS, load_benchmark, one_entity_oracle, text_items
 
 
 @pytest.fixture(scope="module")

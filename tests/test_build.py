@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
+from mckit.build.world import BuildConfig, build_world
 from mckit.merge.task_vectors import task_vector
 from mckit.models import shipped as zoo
-from mckit.build.world import BuildConfig, build_world
 
 
 def micro() -> BuildConfig:

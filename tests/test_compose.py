@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from mckit.merge.task_vectors import task_vector
 from mckit.compose import static as compose
+from mckit.merge.task_vectors import task_vector
 from mckit.models import shipped as zoo
 from mckit.models.checkpoints import CheckpointError
 from mckit.world.entities import MODALITIES

@@ -9,15 +9,21 @@ import sys
 import numpy as np
 import pytest
 import torch
+from _merge_helpers import (
+    fine_tuned,
+    load_checkpoint,
+    one_thread,  # noqa: F401  (fixture)
+    save_checkpoint,
+    tiny_base,
+    tree_snapshot,
+)
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from _merge_helpers import one_thread  # noqa: F401  (fixture)
-from _merge_helpers import fine_tuned, load_checkpoint, save_checkpoint, tiny_base, tree_snapshot
-from mckit.merge.registry import get, tensor_seed
-from mckit.merge.thresholds import global_magnitude_thresholds
 from mckit.merge import engine as E
 from mckit.merge import methods as M
+from mckit.merge.registry import get, tensor_seed
+from mckit.merge.thresholds import global_magnitude_thresholds
 from mckit.storage import tensorfiles as T
 
 LINEAR = re.compile(E.DEFAULT_INCLUDE)

@@ -3,9 +3,17 @@
 import pytest
 import torch
 
-from mckit.eval.protocols import (first_token_answers, generated_answers, item_inputs, letter_hits, option_score_answers,
-                            restrict, sequence_logprob, wilson)
 from mckit.eval.mcub import load_benchmark
+from mckit.eval.protocols import (
+    first_token_answers,
+    generated_answers,
+    item_inputs,
+    letter_hits,
+    option_score_answers,
+    restrict,
+    sequence_logprob,
+    wilson,
+)
 
 
 def test_restrict_drops_other_modalities():

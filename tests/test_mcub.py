@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mckit.eval.mcub import SPLITS, MCUBError, load_benchmark, load_split, mcub_examples, parse_options
-from mckit.world.tasks import LETTERS, combo_split, commonality, Slots
+from mckit.world.tasks import LETTERS, Slots, combo_split, commonality
 
 
 def test_schema_round_trip(bench):

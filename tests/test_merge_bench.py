@@ -3,13 +3,12 @@
 import pytest
 import torch
 
-from mckit.merge.task_vectors import task_vector
+from mckit.build.experts import ExpertsConfig, build_experts
 from mckit.experiments import merging_zoo as merge_bench
 from mckit.merge.registry import get
-
-from mckit.world.capabilities import TASKS
-from mckit.build.experts import ExpertsConfig, build_experts
+from mckit.merge.task_vectors import task_vector
 from mckit.models.shipped import load_expert
+from mckit.world.capabilities import TASKS
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from _merge_helpers import (
+    fine_tuned,
+    load_checkpoint,
+    one_thread,  # noqa: F401  (fixture)
+    save_checkpoint,
+    tiny_base,
+)
 
-from _merge_helpers import one_thread  # noqa: F401  (fixture)
-from _merge_helpers import fine_tuned, load_checkpoint, save_checkpoint, tiny_base
-from mckit.merge.thresholds import global_magnitude_thresholds
-from mckit.merge.registry import tensor_seed
-from mckit.merge import engine as E
 from mckit.merge import cli as merge_cli
+from mckit.merge import engine as E
 from mckit.merge import methods as M
+from mckit.merge.registry import tensor_seed
+from mckit.merge.thresholds import global_magnitude_thresholds
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,9 +17,9 @@ import math
 
 import pytest
 import torch
+from _merge_helpers import one_thread  # noqa: F401  (fixture)
 from peft.utils import merge_utils as pm
 
-from _merge_helpers import one_thread  # noqa: F401  (fixture)
 from mckit.merge import kernels, registry
 from mckit.merge import methods as M
 from mckit.merge.objectives import optmerge_loss, optmerge_targets

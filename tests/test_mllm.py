@@ -5,13 +5,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mckit.models.checkpoints import CheckpointError, load_mllm, save_mllm
+from mckit.merge.task_vectors import task_vector
 from mckit.models.batch import PLACEHOLDER_ID, split_prompt
-from mckit.world.render import render
-from mckit.world.tasks import chat
+from mckit.models.checkpoints import CheckpointError, load_mllm, save_mllm
 from mckit.models.training import add_lora, make_llm
 from mckit.world.entities import MODALITIES
-from mckit.merge.task_vectors import task_vector
+from mckit.world.render import render
+from mckit.world.tasks import chat
 
 
 def _inputs(world, mods, seed=0):

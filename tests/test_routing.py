@@ -11,8 +11,16 @@ from mckit.compose.routed import routed_compose
 from mckit.compose.static import add_deltas
 from mckit.models.adapters import LLMAdapter, MRoPEAdapter
 from mckit.models.mllm import MLLM
-from mckit.models.routing import (LINEARS, DenseDelta, LowRankDelta, MaskedDelta, RouteState, RoutedLinear,
-                                  naive_routed_forward, route_linears)
+from mckit.models.routing import (
+    LINEARS,
+    DenseDelta,
+    LowRankDelta,
+    MaskedDelta,
+    RoutedLinear,
+    RouteState,
+    naive_routed_forward,
+    route_linears,
+)
 from mckit.world.render import render
 from mckit.world.tasks import chat
 

@@ -3,9 +3,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from mckit.world.entities import FAMILIES, MODALITIES, make_world
 from mckit.world.render import RENDERERS, render, render_bank
 from mckit.world.tasks import Slots, commonality, corpus_words
-from mckit.world.entities import FAMILIES, MODALITIES, make_world
 
 SHAPES = {"image": (3, 16, 16), "audio": (1024,), "video": (4, 16, 16), "point": (128, 6)}
 

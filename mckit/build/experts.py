@@ -24,23 +24,25 @@ import json
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mckit.storage.atomic import atomic_dir
 from mckit.eval.capabilities import capability_batch, eval_items, evaluate_capabilities
-from mckit.models.shipped import MULTITASK, REGIMES, default_experts_dir, model_name
-from mckit.world.capabilities import CHANCE, LABEL_CLASSES, TASKS, CapabilityItem, capability_items, mixed_items
 from mckit.models.checkpoints import save_mllm
 from mckit.models.encoders import ENC_DIM, ENC_TOKENS
+from mckit.models.lora import is_lora
 from mckit.models.mllm import MLLM, Batch, toy_branch
+from mckit.models.shipped import MULTITASK, REGIMES, default_experts_dir, model_name
 from mckit.models.training import TEXT_SHARE, Presets, add_lora, fit, llm_trainable, mixed_examples
+from mckit.storage.atomic import atomic_dir
+from mckit.world.capabilities import CHANCE, LABEL_CLASSES, TASKS, CapabilityItem, capability_items, mixed_items
 from mckit.world.entities import World
+
 
 @dataclass
 class ExpertsConfig(Presets):
@@ -124,7 +126,7 @@ def train_capabilities(model: MLLM, world: World, tasks: tuple[str, ...], mode: 
     experts keep the base's projector).
     """
     rng = np.random.default_rng([seed, 141, len(tasks), sum(TASKS.index(t) for t in tasks)])
-    if mode == "lora" and not hasattr(model.llm, "peft_config"):
+    if mode == "lora" and not is_lora(model.llm):
         raise ValueError("add LoRA to the model before training it in mode 'lora'")
     params = llm_trainable(model, mode)
     head = model.branches["image"].projector

@@ -20,26 +20,32 @@ import copy
 import json
 import time
 from dataclasses import asdict, dataclass
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mckit.storage.atomic import atomic_dir, atomic_write_text
 from mckit.eval.single import evaluate_single
-from mckit.world.render import TEST_RENDER_SEED, TRAIN_RENDER_SEED
 from mckit.models.checkpoints import save_mllm
 from mckit.models.encoders import pretrain_encoder, probe_accuracy
 from mckit.models.mllm import MLLM, toy_branch
-from mckit.world.render import render_bank
+from mckit.models.training import (
+    STAGE2_MODES,
+    FeatureBank,
+    Presets,
+    add_lora,
+    make_llm,
+    pretrain_text,
+    train_stage1,
+    train_stage2,
+)
+from mckit.storage.atomic import atomic_dir, atomic_write_text
+from mckit.world.entities import MODALITIES, make_world
+from mckit.world.render import TEST_RENDER_SEED, TRAIN_RENDER_SEED, render_bank
 from mckit.world.tasks import corpus_words
 from mckit.world.tokenizer import train_tokenizer
-from mckit.models.training import (STAGE2_MODES, FeatureBank, Presets, add_lora, make_llm, pretrain_text, train_stage1,
-                    train_stage2)
-from mckit.world.entities import MODALITIES, make_world
-
 
 
 @dataclass

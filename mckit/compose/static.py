@@ -23,26 +23,22 @@ from collections.abc import Mapping
 
 import torch
 
-from mckit.models.checkpoints import CheckpointError
 from mckit.merge.kernels import merge_tensor
 from mckit.merge.methods import lora_delta
-from mckit.models.mllm import MLLM
 from mckit.merge.task_vectors import task_vector
+from mckit.models.checkpoints import CheckpointError
+from mckit.models.lora import ADAPTER, folded, lora_layers, plain_llm
+from mckit.models.mllm import MLLM
 
 #: LLM tensors stage 2 never trains: equal to the base's in every model built on it.
 FROZEN_TENSORS = ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight")
-
-
-def _plain_llm(model: MLLM) -> torch.nn.Module:
-    llm = model.llm
-    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
 
 
 def check_same_base(models: Mapping[str, MLLM], base: torch.nn.Module) -> None:
     """Raise :class:`CheckpointError` unless every model was built on ``base`` (frozen tensors equal)."""
     ref = base.state_dict()
     for mod, model in models.items():
-        state = _plain_llm(model).state_dict()
+        state = plain_llm(model.llm).state_dict()
         for name in FROZEN_TENSORS:
             key = next((k for k in state if k.endswith(name)), None)
             if key is None or state[key].shape != ref[name].shape or not torch.equal(state[key], ref[name]):
@@ -158,8 +154,7 @@ def all_projectors_control(model: MLLM, others) -> MLLM:
 
 def _merged_copy(model: MLLM) -> torch.nn.Module:
     """A plain LLM equal to ``model``'s (LoRA folded into the weights)."""
-    llm = copy.deepcopy(model.llm)
-    return llm.merge_and_unload() if hasattr(llm, "peft_config") else llm
+    return folded(copy.deepcopy(model.llm))
 
 
 def lora_factor_average(models, base: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -169,14 +164,12 @@ def lora_factor_average(models, base: torch.nn.Module) -> dict[str, torch.Tensor
     ``mean_i(scale * B_i A_i)`` of :func:`merged_deltas`.
     """
     models = list(as_dict(models).values())
+    layers = [dict(lora_layers(m.llm)) for m in models]
     out = {}
-    for name, module in models[0].llm.named_modules():
-        if not (hasattr(module, "lora_A") and "default" in module.lora_A):
-            continue
-        mods = [dict(m.llm.named_modules())[name] for m in models]
-        A = torch.stack([m.lora_A["default"].weight.float() for m in mods]).mean(0)
-        B = torch.stack([m.lora_B["default"].weight.float() for m in mods]).mean(0)
-        out[name.removeprefix("base_model.model.") + ".weight"] = lora_delta(A, B, module.scaling["default"])
+    for name, module in layers[0].items():
+        A = torch.stack([mods[name].lora_A[ADAPTER].weight.float() for mods in layers]).mean(0)
+        B = torch.stack([mods[name].lora_B[ADAPTER].weight.float() for mods in layers]).mean(0)
+        out[name] = lora_delta(A, B, module.scaling[ADAPTER])
     return out
 
 

@@ -26,9 +26,9 @@ import numpy as np
 
 from mckit.storage.atomic import atomic_dir
 from mckit.storage.paths import DATA_DIR
+from mckit.world.entities import FAMILIES, LEVELS, MODALITIES, World
 from mckit.world.render import render
 from mckit.world.tasks import LETTERS, MODALITY_TASKS, Example, Slots, commonality
-from mckit.world.entities import FAMILIES, LEVELS, MODALITIES, World
 
 #: Split name -> its modalities (MCUB-4 and the four MCUB-3 subsets).
 SPLITS: dict[str, tuple[str, ...]] = {

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from mckit.eval.mcub import MCUBItem, load_media
 from mckit.models.mllm import MLLM
-from mckit.world.tasks import ANSWER_WITH, Example, chat
 from mckit.models.training import FeatureBank, to_batch
+from mckit.world.tasks import ANSWER_WITH, Example, chat
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -25,13 +25,19 @@ import pandas as pd
 import torch
 
 from mckit.compose import static as compose
-from mckit.models.shipped import load_base, load_model
-from mckit.eval.protocols import (LETTER, OPTION_SCORE, evaluate_items, exact_match_by_task, first_token_answers,
-                       generated_answers)
 from mckit.eval.mcub import SPLITS, MCUBItem, load_benchmark
+from mckit.eval.protocols import (
+    LETTER,
+    OPTION_SCORE,
+    evaluate_items,
+    exact_match_by_task,
+    first_token_answers,
+    generated_answers,
+)
 from mckit.models.mllm import MLLM
-from mckit.world.tasks import NATIVE_FAMILY
+from mckit.models.shipped import load_base, load_model
 from mckit.world.entities import FAMILIES
+from mckit.world.tasks import NATIVE_FAMILY
 
 LAMBDAS = (0.1, 0.3, 0.5, 0.7, 1.0, 1.5)
 

@@ -27,14 +27,14 @@ import pandas as pd
 import torch
 
 from mckit.compose import static as compose
+from mckit.eval.capabilities import eval_items, evaluate_capabilities
+from mckit.eval.protocols import OPTION_SCORE, evaluate_items
+from mckit.experiments.composition import LAMBDAS, Systems
 from mckit.merge.registry import METHODS, for_regime, get
 from mckit.merge.task_vectors import task_vector
-from mckit.models.shipped import MULTITASK, load_expert, load_world
-from mckit.experiments.composition import LAMBDAS, Systems
-from mckit.world.capabilities import TASKS
-from mckit.eval.protocols import OPTION_SCORE, evaluate_items
-from mckit.eval.capabilities import eval_items, evaluate_capabilities
 from mckit.models.mllm import MLLM
+from mckit.models.shipped import MULTITASK, load_expert, load_world
+from mckit.world.capabilities import TASKS
 
 #: Benchmark methods, in the registry's order and at its defaults, which are the paper's settings (TIES keeps
 #: 20% per tensor, DARE drops 20%, seeded per tensor); on LoRA experts OptMerge runs its LoRA variant.

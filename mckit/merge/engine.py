@@ -42,12 +42,29 @@ from typing import NoReturn
 
 import numpy as np
 
-from mckit.merge.linear_kernel import (BLOCK, all_finite, as_float32, linear_block, linear_merge, parallel_blocks,
-                                       read_float32, scratch)
+from mckit.merge.linear_kernel import (
+    BLOCK,
+    all_finite,
+    as_float32,
+    linear_block,
+    linear_merge,
+    parallel_blocks,
+    read_float32,
+    scratch,
+)
 from mckit.merge.registry import METHODS, get
 from mckit.storage.atomic import atomic_dir
-from mckit.storage.tensorfiles import (DTYPES, FLOAT_CODES, INDEX_FILE, SINGLE_FILE, BlockReader, Checkpoint,
-                                       ShardWriter, TensorFileError, plan_shards)
+from mckit.storage.tensorfiles import (
+    DTYPES,
+    FLOAT_CODES,
+    INDEX_FILE,
+    SINGLE_FILE,
+    BlockReader,
+    Checkpoint,
+    ShardWriter,
+    TensorFileError,
+    plan_shards,
+)
 
 #: The language model's seven linears of every decoder layer, and nothing under a vision or audio tower, an
 #: encoder or a projector: LLaVA's CLIP, Qwen2-VL's vision blocks and Whisper-style audio towers use the same

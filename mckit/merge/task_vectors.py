@@ -13,21 +13,16 @@ import pandas as pd
 import torch
 
 from mckit.models.checkpoints import CheckpointError
+from mckit.models.lora import ADAPTER, is_lora, lora_layers
 from mckit.models.mllm import MLLM
 from mckit.models.shipped import load_base, load_model, world_record
-
 
 LAYER = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.weight$")
 
 
 def lora_deltas(model: MLLM) -> dict[str, torch.Tensor]:
     """Per adapted linear, the LoRA update dW = (alpha / r) * B @ A (float32), keyed by its weight name."""
-    out = {}
-    for name, module in model.llm.named_modules():
-        if hasattr(module, "get_delta_weight") and hasattr(module, "lora_A") and "default" in module.lora_A:
-            key = name.removeprefix("base_model.model.") + ".weight"
-            out[key] = module.get_delta_weight("default").float()
-    return out
+    return {name: module.get_delta_weight(ADAPTER).float() for name, module in lora_layers(model.llm)}
 
 
 def task_vector(model: MLLM, base: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -38,7 +33,7 @@ def task_vector(model: MLLM, base: torch.nn.Module) -> dict[str, torch.Tensor]:
     weights are left out). Raises :class:`CheckpointError` naming the tensor if the
     model was not built on ``base``.
     """
-    lora = hasattr(model.llm, "peft_config")
+    lora = is_lora(model.llm)
     weights = lora_deltas(model) if lora else dict(model.llm.state_dict())
     ref = base.state_dict()
     tau = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from mckit.models.lora import is_lora, is_lora_parameter
 from mckit.models.mllm import MLLM
 from mckit.models.shipped import VARIANTS
 
@@ -20,7 +21,7 @@ def anatomy(model: MLLM, variant: str | None = None) -> pd.DataFrame:
     model's flags, which are all frozen at inference. Default: lora if the model
     has LoRA, else full.
     """
-    variant = variant or ("lora" if hasattr(model.llm, "peft_config") else "full")
+    variant = variant or ("lora" if is_lora(model.llm) else "full")
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
     rows = []
@@ -30,7 +31,7 @@ def anatomy(model: MLLM, variant: str | None = None) -> pd.DataFrame:
         rows.append({"part": f"{mod} projector ({branch.projector_type})", "params": n, "trainable": n})
     groups: dict[str, list[int]] = {}
     for name, p in model.llm.named_parameters():
-        if "lora_" in name:
+        if is_lora_parameter(name):
             part = "LLM LoRA (B, A)"
         elif "embed_tokens" in name:
             part = "LLM embeddings"

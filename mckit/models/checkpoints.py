@@ -28,8 +28,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from mckit.storage.atomic import atomic_dir
+from mckit.models.lora import is_lora
 from mckit.models.mllm import MLLM, Branch, toy_branch
+from mckit.storage.atomic import atomic_dir
 
 FORMAT = "mckit-mllm"
 
@@ -82,7 +83,7 @@ def save_mllm(model: MLLM, out: str | Path, base_path: str | Path | None = None,
     """Save ``model`` to ``out``. ``base_path`` (the base LLM dir) is needed for kinds lora and base."""
     out = Path(out)
     llm = model.llm
-    kind = "lora" if hasattr(llm, "peft_config") else ("base" if base_path is not None else "full")
+    kind = "lora" if is_lora(llm) else ("base" if base_path is not None else "full")
     if kind in ("lora", "base") and base_path is None:
         raise ValueError("saving a LoRA model needs base_path, the directory of its base LLM")
     with atomic_dir(out, overwrite) as tmp:

@@ -7,7 +7,6 @@ from torch import nn
 
 from mckit.models.encoders import ENC_DIM
 
-
 #: Projector type per modality, as in the paper (mlp2x_gelu; a small Q-Former for audio).
 PROJECTOR_TYPE = {"image": "mlp2x_gelu", "audio": "qformer", "video": "mlp2x_gelu", "point": "mlp2x_gelu"}
 

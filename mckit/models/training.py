@@ -18,9 +18,11 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with_warmup
 
+from mckit.models.lora import is_lora, is_lora_parameter
 from mckit.models.mllm import MLLM, Batch, Branch
-from mckit.world.tasks import Example, chat, sample
 from mckit.world.entities import World
+from mckit.world.tasks import Example, chat, sample
+
 
 class Presets:
     """Mixin for a build config dataclass: ``preset("full")`` is the defaults, ``preset("smoke")``
@@ -163,7 +165,7 @@ def llm_trainable(model: MLLM, mode: str) -> list[torch.nn.Parameter]:
     if mode == "frozen":
         return []
     if mode == "lora":
-        params = [p for n, p in model.llm.named_parameters() if "lora_" in n]
+        params = [p for n, p in model.llm.named_parameters() if is_lora_parameter(n)]
     elif mode == "full":
         params = [p for n, p in model.llm.named_parameters() if n.endswith(".weight") and n.split(".")[-2] in LINEARS]
     else:
@@ -177,7 +179,7 @@ def train_stage2(model: MLLM, modality: str, world: World, bank: FeatureBank, mo
                  batch_size: int = 64, lr: float = 1e-3, seed: int = 0) -> list[float]:
     """Stage 2: projector + LLM (LoRA, full, or frozen = projector only) on the modality's tasks mixed with text."""
     rng = np.random.default_rng([seed, 31])
-    if mode == "lora" and not hasattr(model.llm, "peft_config"):
+    if mode == "lora" and not is_lora(model.llm):
         add_lora(model)
     params = list(model.branches[modality].projector.parameters()) + llm_trainable(model, mode)
     for p in model.branches[modality].projector.parameters():

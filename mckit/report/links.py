@@ -13,6 +13,7 @@ from pathlib import Path
 REPO = "OWNER/mckit"
 BRANCH = "main"
 from mckit.storage.paths import REPO_ROOT as ROOT
+
 #: Only launch links and the Colab clone are rewritten, never references to other projects.
 _LINK = re.compile(r"(mybinder\.org/v2/gh/|colab\.research\.google\.com/github/|--depth\\?\", \\?\"1\\?\", \\?\"https://github\.com/)"
                    r"[\w.-]+/[\w.-]+?(?=/|\\?\")")

@@ -9,8 +9,8 @@ import seaborn as sns
 import torch
 
 from mckit.models.encoders import AudioEncoder
-from mckit.world.render import render
 from mckit.world.entities import MODALITIES, World
+from mckit.world.render import render
 
 sns.set_theme(style="white", context="notebook")
 

@@ -14,9 +14,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from mckit.storage.atomic import atomic_dir, atomic_write_text
 from mckit.models.shipped import accuracy_table, world_record
-
+from mckit.storage.atomic import atomic_dir, atomic_write_text
 from mckit.storage.paths import REPO_ROOT as ROOT
 
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mckit.world.entities import FAMILIES, LEVELS, World
 from mckit.world.render import COLOUR_RGB, IMAGE_SIZE, render_image
 from mckit.world.tasks import QUESTION
-from mckit.world.entities import FAMILIES, LEVELS, World
 
 TASKS: tuple[str, ...] = ("vqa", "geometry", "chart", "ocr", "grounding")
 CHANCE = {"vqa": 1 / 4, "geometry": 1 / 4, "chart": 1 / 4, "ocr": 1 / 32, "grounding": 1 / 2}
