@@ -27,7 +27,7 @@ from mckit.merge.kernels import merge_tensor
 from mckit.merge.methods import lora_delta
 from mckit.merge.task_vectors import task_vector
 from mckit.models.checkpoints import CheckpointError
-from mckit.models.lora import ADAPTER, folded, lora_layers, plain_llm
+from mckit.models.lora import ADAPTER, folded, is_lora, lora_layers, plain_llm
 from mckit.models.mllm import MLLM
 
 #: LLM tensors stage 2 never trains: equal to the base's in every model built on it.
@@ -183,3 +183,12 @@ def lora_trap_table(models, base: torch.nn.Module) -> "pd.DataFrame":
     rows = [{"tensor": name, "relative_error": float((wrong[name] - right[name]).norm() / right[name].norm())}
             for name in right]
     return pd.DataFrame(rows)
+
+
+def lora_trap_summary(models, base: torch.nn.Module) -> "pd.DataFrame":
+    """Statistics (count, mean, min, ...) of :func:`lora_trap_table`; empty when the models have no LoRA."""
+    import pandas as pd
+
+    if not any(is_lora(m.llm) for m in as_dict(models).values()):
+        return pd.DataFrame()
+    return lora_trap_table(models, base).describe()

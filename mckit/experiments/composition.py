@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from mckit.compose import static as compose
-from mckit.eval.mcub import SPLITS, MCUBItem, load_benchmark
+from mckit.eval.mcub import SPLITS, MCUBItem, load_benchmark, one_entity_oracle
 from mckit.eval.protocols import (
     LETTER,
     OPTION_SCORE,
@@ -36,7 +36,7 @@ from mckit.eval.protocols import (
 )
 from mckit.models.mllm import MLLM
 from mckit.models.shipped import load_base, load_model
-from mckit.world.entities import FAMILIES
+from mckit.world.entities import FAMILIES, World
 from mckit.world.tasks import NATIVE_FAMILY
 
 LAMBDAS = (0.1, 0.3, 0.5, 0.7, 1.0, 1.5)
@@ -301,3 +301,40 @@ def item_media(item: MCUBItem) -> dict[str, list[np.ndarray]]:
     from mckit.eval.mcub import load_media
 
     return {m: [load_media(p) for p in paths] for m, paths in item.media.items()}
+
+
+def answer_table(models: dict[str, MLLM], item: MCUBItem) -> pd.DataFrame:
+    """One item through every model of ``models`` (name -> model): rows as :func:`answer_item`."""
+    return pd.DataFrame({name: answer_item(model, item) for name, model in models.items()}).T
+
+
+def score_table(models: dict[str, MLLM], items: list[MCUBItem],
+                protocols: tuple[str, ...] = (LETTER, OPTION_SCORE)) -> pd.DataFrame:
+    """Accuracy of every model (rows) under every protocol (columns) on ``items``."""
+    return pd.DataFrame({name: {p: evaluate_items(m, items, p)["acc"] for p in protocols}
+                         for name, m in models.items()}).T
+
+
+def seed_spread(seed_frame: pd.DataFrame) -> pd.DataFrame:
+    """:func:`seed_table` as systems x seeds, with the spread (max - min) across seeds."""
+    table = seed_frame.pivot_table(index="system", columns="seed", values="acc", sort=False)
+    return table.assign(spread=table.max(axis=1) - table.min(axis=1))
+
+
+def single_task_frame(single: dict[str, dict[str, dict]]) -> pd.DataFrame:
+    """:func:`single_task_results` as tasks x (modality, system) accuracies."""
+    return pd.DataFrame({(m, s): {t: r["acc"] for t, r in tasks.items()}
+                         for m, by_system in single.items() for s, tasks in by_system.items()})
+
+
+def conflict_frame(conflict: dict[str, dict[str, dict[str, float]]]) -> pd.DataFrame:
+    """:func:`describe_conflict` as (modality, system) rows: own, other, invalid, n."""
+    return pd.DataFrame({(m, s): r for m, by_system in conflict.items() for s, r in by_system.items()}).T
+
+
+def single_vs_oracle(scores: pd.DataFrame, world: World, split: str, n: int, protocol: str = OPTION_SCORE) -> dict:
+    """The best single model against the one-entity oracle (a single input's ceiling), and NaiveMC's gain over it."""
+    singles = scores.loc[[s for s in scores.index if s.startswith("single:")], protocol]
+    oracle = one_entity_oracle(world, split, n)
+    return {"one_entity_oracle": round(oracle, 3), "best_single": round(float(singles.max()), 3),
+            "naivemc_minus_best_single": round(float(scores.loc["naivemc", protocol] - singles.max()), 3)}

@@ -132,6 +132,22 @@ def rank_ablation(regime: str = "full", ratios: Iterable[float] = RANK_RATIOS, n
     return out
 
 
+def capability_tables(regimes: Iterable[str], n_val: int = 40, n_test: int = 200,
+                      experts_dir: str | Path | None = None, world_dir: str | Path | None = None) -> dict[str, dict]:
+    """:func:`capability_table` of every regime: ``{regime: table}``."""
+    return {r: capability_table(r, n_val, n_test, experts_dir=experts_dir, world_dir=world_dir) for r in regimes}
+
+
+def capability_frames(tables: dict[str, dict]) -> pd.DataFrame:
+    """Every regime's :func:`capability_frame`, stacked."""
+    return pd.concat([capability_frame(t, r) for r, t in tables.items()], ignore_index=True)
+
+
+def own_task_gain(record_frame: pd.DataFrame, regime: str = "full") -> pd.Series:
+    """Per task: the accuracy its expert gains on it over the base (from the experts' build record)."""
+    return pd.Series({t: record_frame.loc[f"{t}-{regime}", t] - record_frame.loc["base", t] for t in TASKS})
+
+
 def capability_frame(table: dict[str, dict], regime: str) -> pd.DataFrame:
     """Long table: regime, system, task (five tasks and "mean"), acc, lam."""
     rows = [{"regime": regime, "system": name, "task": task, "acc": r["acc"], "lam": row.get("lam")}

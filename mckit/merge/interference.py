@@ -58,3 +58,8 @@ def interference_table(taus: dict[str, dict[str, torch.Tensor]]) -> pd.DataFrame
                 rows += [{"layer": layer, "a": a, "b": b, "metric": metric, "value": value},
                          {"layer": layer, "a": b, "b": a, "metric": metric, "value": value}]
     return pd.DataFrame(rows)
+
+
+def interference_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Each metric's mean over layers, modality x modality (rows metric, a; columns b)."""
+    return table.groupby(["metric", "a", "b"])["value"].mean().unstack("b")

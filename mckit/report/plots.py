@@ -36,6 +36,15 @@ def draw_input(ax, modality: str, x: np.ndarray, title: str = "") -> None:
         ax.set_zticks([])
 
 
+def plot_exchange(exchange: dict, modality: str) -> plt.Figure:
+    """The input of one :func:`mckit.report.notebook.ask` exchange, titled with the question and the answer."""
+    fig = plt.figure(figsize=(3.2, 3.2))
+    ax = fig.add_subplot(projection="3d" if modality == "point" else None)
+    question = exchange["prompt"].split(f"<{modality}>")[-1].split("ASSISTANT")[0].strip()
+    draw_input(ax, modality, exchange["input"], f"{exchange['entity']['name']}: {question}\n-> {exchange['answer']}")
+    return fig
+
+
 def plot_samples(world: World, entities: list[int], seed: int = 0, levels: tuple[str, ...] = ("high",)) -> plt.Figure:
     """One row per modality, one column per (entity, level): what each encoder sees."""
     cols = [(e, lv) for e in entities for lv in levels]
