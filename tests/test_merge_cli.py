@@ -17,7 +17,6 @@ from _merge_helpers import (
 )
 
 from mckit.merge import cli as merge_cli
-from mckit.merge import engine as E
 from mckit.merge import methods as M
 from mckit.merge.registry import tensor_seed
 from mckit.merge.thresholds import global_magnitude_thresholds

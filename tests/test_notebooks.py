@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from mckit.report.links import colab_setup_source
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 #: Non-default parameters per notebook for the papermill run.
@@ -38,6 +40,7 @@ def test_notebooks_are_stripped_and_parameterised():
         for line in "".join(tagged[0]["source"]).splitlines():  # papermill cannot parse a second '=' on a line
             assert line.count("=") <= 1, f"{path.name}: parameters line {line!r} has more than one '='"
         assert nb["metadata"]["kernelspec"]["name"] == "python3"
+        assert "".join(code[0]["source"]) == colab_setup_source(), f"{path.name}: first cell is not the Colab set-up"
         assert path.stem in INJECTED, f"{path.name}: add papermill parameters to INJECTED"
 
 

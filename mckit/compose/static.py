@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import torch
 
 from mckit.merge.kernels import merge_tensor
-from mckit.merge.methods import lora_delta
+from mckit.merge.methods import lora_delta, task_vector_sum
 from mckit.merge.task_vectors import task_vector
 from mckit.models.checkpoints import CheckpointError
 from mckit.models.lora import ADAPTER, folded, is_lora, lora_layers, plain_llm
@@ -92,7 +92,7 @@ def merged_deltas(taus: list[dict[str, torch.Tensor]], lam: float | list[float])
     out = {}
     for name in names:
         ref = next(t[name] for t in taus if name in t)
-        out[name] = sum(l * t.get(name, torch.zeros_like(ref)) for l, t in zip(lams, taus))
+        out[name] = task_vector_sum([t.get(name, torch.zeros_like(ref)) for t in taus], lams)
     return out
 
 

@@ -20,7 +20,6 @@ import pandas as pd
 import torch
 
 LAYER = re.compile(r"layers\.(\d+)\.")
-METRICS = ("L2", "cosine", "sign_conflict", "SSD")
 
 
 def pair_metrics(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:

@@ -48,7 +48,7 @@ from mckit.merge.registry import check_fraction
 from mckit.merge.thresholds import kth_largest
 
 __all__ = [
-    "task_vectors", "lora_delta", "average", "task_arithmetic", "ties", "dare_ta", "dare_ties", "tsv", "iso_c",
+    "task_vectors", "lora_delta", "task_vector_sum", "average", "task_arithmetic", "ties", "dare_ta", "dare_ties", "tsv", "iso_c",
     "wudi", "optmerge", "optmerge_lora", "magnitude_threshold", "trim", "all_finite", "check_finite", "elect_sign",
     "disjoint_mean", "ties_merge", "dare_drop", "dare_taus",
 ]
@@ -125,17 +125,25 @@ def average(theta_0: Tensor, thetas: Sequence[Tensor]) -> Tensor:
     return out.div_(len(thetas))
 
 
+def task_vector_sum(taus: Sequence[Tensor], lams: Sequence[float] | None = None) -> Tensor:
+    """The task-arithmetic combination of task vectors: sum_i lam_i tau_i (all lam_i = 1 by default).
+
+    taus: n tensors of one shape; lams: one coefficient per task vector (NaiveMC: 1/n each).
+    """
+    if lams is None:
+        return torch.stack(list(taus)).sum(dim=0)
+    if len(lams) != len(taus):
+        raise ValueError(f"{len(lams)} coefficients for {len(taus)} task vectors")
+    return sum(lam * tau for lam, tau in zip(lams, taus))
+
+
 def task_arithmetic(theta_0: Tensor, thetas: Sequence[Tensor], *, lam: float = 1.0) -> Tensor:
     """Task arithmetic (Ilharco et al. 2023, "Editing models with task arithmetic").
 
     theta = theta_0 + lam * sum_i tau_i,  tau_i = theta_i - theta_0.
     """
     check_inputs(theta_0, thetas)
-    total = torch.zeros_like(theta_0, dtype=torch.float32)
-    for theta in thetas:
-        total.add_(theta.float())
-    total.sub_(theta_0.float(), alpha=len(thetas))          # sum_i tau_i
-    return total.mul_(lam).add_(theta_0.float())
+    return theta_0.float() + lam * task_vector_sum(task_vectors(theta_0, thetas))
 
 
 # --------------------------------------------------------------------- TIES
@@ -248,10 +256,7 @@ def dare_ta(theta_0: Tensor, thetas: Sequence[Tensor], *, drop: float = 0.2, lam
     Expert i draws its mask from ``torch.Generator().manual_seed(seed + i)``.
     """
     check_inputs(theta_0, thetas)
-    total = torch.zeros_like(theta_0, dtype=torch.float32)
-    for tau in dare_taus(theta_0, thetas, drop, seed):
-        total.add_(tau)
-    return total.mul_(lam).add_(theta_0.float())
+    return theta_0.float() + lam * task_vector_sum(dare_taus(theta_0, thetas, drop, seed))
 
 
 def dare_ties(theta_0: Tensor, thetas: Sequence[Tensor], *, drop: float = 0.2, keep: float = 1.0,
@@ -331,7 +336,7 @@ def wudi(theta_0: Tensor, thetas: Sequence[Tensor], *, lam: float = 1.0, lr: flo
     return X.mul_(lam).add_(theta_0.float())
 
 
-def _optmerge(theta_0: Tensor, thetas: Sequence[Tensor], variant: str, lam: float, lr: float, steps: int,
+def _optmerge(theta_0: Tensor, thetas: Sequence[Tensor], *, variant: str, lam: float, lr: float, steps: int,
               rank_ratio: float | None, losses: list[float] | None) -> Tensor:
     """theta_0 + lam * X*, X* from :func:`optmerge_objective`; non-2-D tensors take X = the init."""
     check_inputs(theta_0, thetas)
@@ -355,7 +360,8 @@ def optmerge(theta_0: Tensor, thetas: Sequence[Tensor], *, lam: float = 1.0, lr:
     (``lr`` 1e-5, ``steps`` 300) from X = sum_i tau_i; theta = theta_0 + lam * X*.
     Non-2-D tensors: the init (task arithmetic).
     """
-    return _optmerge(theta_0, thetas, "full", lam, lr, steps, rank_ratio, losses)
+    return _optmerge(theta_0, thetas, variant="full", lam=lam, lr=lr, steps=steps, rank_ratio=rank_ratio,
+                     losses=losses)
 
 
 def optmerge_lora(theta_0: Tensor, thetas: Sequence[Tensor], *, lam: float = 1.0, lr: float = 1e-4,
@@ -368,4 +374,5 @@ def optmerge_lora(theta_0: Tensor, thetas: Sequence[Tensor], *, lam: float = 1.0
     X = mean_i tau_i (a sum init blows the norm up); theta = theta_0 + lam * X*.
     Non-2-D tensors: the init ``theta_0 + lam * mean_i tau_i``.
     """
-    return _optmerge(theta_0, thetas, "lora", lam, lr, steps, rank_ratio, losses)
+    return _optmerge(theta_0, thetas, variant="lora", lam=lam, lr=lr, steps=steps, rank_ratio=rank_ratio,
+                     losses=losses)

@@ -14,7 +14,7 @@ import importlib
 import math
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 # --------------------------------------------------------------- value checks
@@ -99,7 +99,6 @@ class Method:
     global_scope: bool = False      # accepts a global (whole-model) magnitude top-k
     seeded: bool = False            # random masks, seeded per tensor name (DARE)
     lora_variant: str | None = None  # the method to use on LoRA task vectors (OptMerge)
-    tags: tuple[str, ...] = field(default=())
 
     @property
     def fn(self) -> Callable:

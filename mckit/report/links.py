@@ -10,13 +10,14 @@ import json
 import re
 from pathlib import Path
 
+from mckit.storage.paths import NOTEBOOKS_DIR, REPO_ROOT
+
 REPO = "OWNER/mckit"
 BRANCH = "main"
-from mckit.storage.paths import REPO_ROOT as ROOT
 
 #: Only launch links and the Colab clone are rewritten, never references to other projects.
-_LINK = re.compile(r"(mybinder\.org/v2/gh/|colab\.research\.google\.com/github/|--depth\\?\", \\?\"1\\?\", \\?\"https://github\.com/)"
-                   r"[\w.-]+/[\w.-]+?(?=/|\\?\")")
+_LINK = re.compile(r"(mybinder\.org/v2/gh/|colab\.research\.google\.com/github/|--depth 1 https://github\.com/)"
+                   r"[\w.-]+/[\w.-]+?(?=/|\s|\\?\")")
 
 
 def binder_url(notebook: str | None = None) -> str:
@@ -35,13 +36,17 @@ def badges(notebook: str) -> str:
 
 
 def colab_setup_source() -> str:
-    """First code cell of every notebook: on Colab only, fetch the repo and install the kit (not the pins)."""
+    """First code cell of every notebook: on Colab only, one shell call fetches the kit with its data.
+
+    It clones the repository beside the notebook, links its ``mckit`` package into the working
+    directory (so the running kernel imports it without a restart) and installs the kit's
+    unpinned dependencies (Colab's CUDA torch stays).
+    """
     return (
-        "import os, subprocess, sys\n"
-        "if \"google.colab\" in sys.modules and not os.path.isdir(\"mckit\"):  # Colab only; keeps Colab's CUDA torch\n"
-        f"    subprocess.run([\"git\", \"clone\", \"--depth\", \"1\", \"https://github.com/{REPO}\", \"mckit\"], check=True)\n"
-        "    os.chdir(\"mckit\")\n"
-        "    subprocess.run([sys.executable, \"-m\", \"pip\", \"install\", \"-q\", \"-e\", \".\"], check=True)"
+        "import sys\n"
+        "if \"google.colab\" in sys.modules:  # Colab only: the kit and its data, without the pins\n"
+        f"    !test -d mckit || (git clone -q --depth 1 https://github.com/{REPO} mckit-repo && "
+        "ln -s mckit-repo/mckit mckit && pip install -q -e mckit-repo)"
     )
 
 
@@ -52,7 +57,7 @@ def _rewrite(text: str) -> str:
 def sync() -> list[Path]:
     """Rewrite every repository link in README.md and notebooks/*.ipynb to :data:`REPO`."""
     changed = []
-    for path in [ROOT / "README.md", *sorted((ROOT / "notebooks").glob("*.ipynb"))]:
+    for path in [REPO_ROOT / "README.md", *sorted(NOTEBOOKS_DIR.glob("*.ipynb"))]:
         text = path.read_text()
         new = _rewrite(text)
         if new != text:

@@ -16,11 +16,11 @@ from tqdm.auto import tqdm
 
 from mckit.models.shipped import accuracy_table, world_record
 from mckit.storage.atomic import atomic_dir, atomic_write_text
-from mckit.storage.paths import REPO_ROOT as ROOT
+from mckit.storage.paths import NOTEBOOKS_DIR
 
 
 def notebooks() -> list[Path]:
-    return sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    return sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
 
 
 def _declares(nb: Path, name: str) -> bool:

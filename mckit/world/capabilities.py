@@ -37,7 +37,6 @@ CHANCE = {"vqa": 1 / 4, "geometry": 1 / 4, "chart": 1 / 4, "ocr": 1 / 32, "groun
 #: Classes of each task's :attr:`CapabilityItem.label`.
 LABEL_CLASSES = {"vqa": 32, "geometry": 4, "chart": 4, "ocr": 32, "grounding": 81}
 #: The paper's expert each task stands in for.
-ANALOGUE = {"vqa": "VQA", "geometry": "Geometry", "chart": "Chart", "ocr": "OCR", "grounding": "Grounding"}
 #: Families a vqa question asks about (size is left to geometry's "what size is it ?").
 VQA_FAMILIES = ("colour", "sound", "home")
 SQUARE_SIDES = {"tiny": 3, "small": 5, "big": 7, "huge": 9}
