@@ -21,6 +21,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from mckit.merge import engine as E
+from mckit.merge import kernels
 from mckit.merge import methods as M
 from mckit.merge.registry import get, tensor_seed
 from mckit.merge.thresholds import global_magnitude_thresholds
@@ -393,3 +394,23 @@ def test_vision_and_audio_towers_are_copied_not_merged(tmp_path):
     for name, merged in REAL_NAMES.items():
         expected = (experts[0][name] + experts[1][name]) / 2 if merged else base[name]
         torch.testing.assert_close(got[name], expected, msg=name)
+
+
+@pytest.mark.parametrize("method", ["dare_ta", "dare_ties"])
+def test_composition_and_streamed_merge_draw_the_same_dare_masks(ckpts, tmp_path, method):
+    """Composition merges in memory (name by name) and the engine streams: DARE is seeded by tensor name in
+    both, so the merged weights are the same bits."""
+    from mckit.compose.static import method_deltas
+
+    base, experts = ckpts["base_sd"], ckpts["expert_sds"]
+    model = torch.nn.Module()
+    model.state_dict = lambda: base                       # composition reads theta_0 through state_dict()
+    taus = [{n: e[n] - base[n] for n in base if LINEAR.fullmatch(n)} for e in experts]
+    deltas = method_deltas(taus, model, method, drop=0.3, seed=9)
+    streamed = load_checkpoint(E.merge_checkpoints(method, ckpts["base"], ckpts["experts"], tmp_path / "out",
+                                                   seed=9, drop=0.3, progress=False))
+    in_memory = {n: kernels.merge_tensor(method, n, base[n], [base[n] + t[n] for t in taus], {"drop": 0.3, "seed": 9})
+                 for n in deltas}
+    for name in deltas:
+        assert torch.equal(streamed[name], in_memory[name]), name
+        torch.testing.assert_close(base[name] + deltas[name], streamed[name], atol=1e-6, rtol=0)

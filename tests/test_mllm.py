@@ -159,3 +159,31 @@ def test_load_llm_reads_sharded_checkpoints_and_names_a_missing_shard(tiny_mllm,
     shards[-1].unlink()
     with pytest.raises(CheckpointError, match=f"missing safetensors file: .*{shards[-1].name}"):
         load_llm(tmp_path / "llm")
+
+
+def test_a_branch_with_any_encoder_projector_and_several_positions(tiny_mllm, world):
+    """A branch is any (encoder, projector, n_tokens): here 3 positions per input, like a real vision tower's 576."""
+    from torch import nn
+
+    from mckit.models.mllm import MLLM, Branch
+
+    class Split(nn.Module):          # (B, T, d_enc) -> (B, 3, d_llm)
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(64, 3 * 32)
+
+        def forward(self, feats):
+            return self.net(feats.mean(1)).reshape(len(feats), 3, 32)
+
+    image = tiny_mllm.branches["image"]
+    model = MLLM(tiny_mllm.llm, tiny_mllm.tokenizer, {"image": Branch("image", image.encoder, Split(), n_tokens=3)})
+    x = render("image", world, world.entities[2], "high", np.random.default_rng(0))
+    batch = model.batch([chat("image : <image> what is this ?")], [{"image": [x]}])
+    rows, cols = batch.slots["image"]
+    assert cols.tolist() == [cols[0].item() + k for k in range(3)]
+    assert (batch.input_ids[rows, cols] == PLACEHOLDER_ID).all() and (batch.routes[rows, cols] == 1).all()
+    torch.testing.assert_close(model.embed(batch)[rows, cols], model.branches["image"].project(batch.feats["image"])[0])
+    assert model(batch).logits.shape[:2] == batch.input_ids.shape
+    bad = MLLM(tiny_mllm.llm, tiny_mllm.tokenizer, {"image": Branch("image", image.encoder, Split(), n_tokens=2)})
+    with pytest.raises(ValueError, match=r"projector gave shape \(1, 3, 32\), expected \(B, 2, d_llm\)"):
+        bad.embed(bad.batch([chat("image : <image> ?")], [{"image": [x]}]))
