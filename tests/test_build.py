@@ -7,7 +7,7 @@ import torch
 
 from mckit.build.world import BuildConfig, build_world
 from mckit.merge.task_vectors import task_vector
-from mckit.models import shipped as zoo
+from mckit.models import shipped
 
 
 def micro() -> BuildConfig:
@@ -21,11 +21,11 @@ def test_build_world_micro(tmp_path):
     record = build_world(out, micro())
     assert json.loads((out / "world.json").read_text())["seconds"] == record["seconds"]
     assert set(record["models"]) == {"point-stage1", "point-lora", "point-full", "point-frozen"}
-    for variant in zoo.VARIANTS:
-        model = zoo.load_model("point", variant, out)
+    for variant in shipped.VARIANTS:
+        model = shipped.load_model("point", variant, out)
         assert model.modalities == ["point"]
-    base = zoo.load_base(out)
-    tau = task_vector(zoo.load_model("point", "full", out), base)
+    base = shipped.load_base(out)
+    tau = task_vector(shipped.load_model("point", "full", out), base)
     assert tau and all(torch.isfinite(t).all() for t in tau.values())
     assert not list(tmp_path.glob(".world.*")), "temporary build directory left behind"
     with pytest.raises(FileExistsError):
@@ -72,12 +72,12 @@ def test_replicas_retrain_stage2_with_other_seeds(tmp_path):
     build_world(out, micro())
     record = train_replicas(out, [1])
     assert set(record["models"]) == {"point-lora-s1"} and (out / "replicas.json").is_file()
-    assert zoo.replica_seeds("lora", out) == [0, 1] and zoo.replica_seeds("full", out) == [0]
-    base = zoo.load_base(out)
-    own, replica = (task_vector(zoo.load_model("point", "lora", out, seed=s), base) for s in (0, 1))
+    assert shipped.replica_seeds("lora", out) == [0, 1] and shipped.replica_seeds("full", out) == [0]
+    base = shipped.load_base(out)
+    own, replica = (task_vector(shipped.load_model("point", "lora", out, seed=s), base) for s in (0, 1))
     name = next(iter(own))
     assert not torch.allclose(own[name], replica[name])  # another seed, another model
     with pytest.raises(ValueError, match="seed 0 is the world's own"):
         train_replicas(out, [0])
     with pytest.raises(FileNotFoundError, match="build-seeds"):
-        zoo.load_model("point", "lora", out, seed=7)
+        shipped.load_model("point", "lora", out, seed=7)

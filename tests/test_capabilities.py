@@ -5,13 +5,13 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from mckit.models import shipped as zoo
+from mckit.models import shipped
 from mckit.world.capabilities import CHANCE, LABEL_CLASSES, TASKS, capability_items
 
 
 @pytest.fixture(scope="module")
 def world():
-    return zoo.load_world()
+    return shipped.load_world()
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -27,7 +27,7 @@ def test_items_are_seeded_and_parts_differ(world, task):
 
 @pytest.mark.parametrize("task", TASKS)
 def test_questions_and_answers_use_only_the_worlds_words(world, task):
-    vocab = zoo.load_tokenizer().get_vocab()
+    vocab = shipped.load_tokenizer().get_vocab()
     for it in capability_items(world, task, 50, "train"):
         words = it.prompt.replace("<image>", "").split() + it.answer.split()
         assert all(w in vocab for w in words), (it.prompt, it.answer)

@@ -7,19 +7,19 @@ import torch
 
 from mckit.compose import static as compose
 from mckit.merge.task_vectors import task_vector
-from mckit.models import shipped as zoo
+from mckit.models import shipped
 from mckit.models.checkpoints import CheckpointError
 from mckit.world.entities import MODALITIES
 
 
 @pytest.fixture(scope="module")
 def base():
-    return zoo.load_base()
+    return shipped.load_base()
 
 
 @pytest.fixture(scope="module")
 def lora_models():
-    return {m: zoo.load_model(m, "lora") for m in MODALITIES}
+    return {m: shipped.load_model(m, "lora") for m in MODALITIES}
 
 
 def _state(model):
@@ -44,7 +44,7 @@ def test_averaging_lora_factors_is_not_averaging_products(base, lora_models):
 
 
 def test_full_naivemc_equals_weight_average(base):
-    full = {m: zoo.load_model(m, "full") for m in ("image", "point")}
+    full = {m: shipped.load_model(m, "full") for m in ("image", "point")}
     composed = compose.naivemc(full, base)
     name = "model.layers.0.self_attn.q_proj.weight"
     mean = (_state(full["image"])[name] + _state(full["point"])[name]) / 2
@@ -71,11 +71,11 @@ def test_controls(base, lora_models):
 
 
 def test_frozen_composition_keeps_the_base(base):
-    stage1 = {m: zoo.load_model(m, "stage1") for m in MODALITIES}
+    stage1 = {m: shipped.load_model(m, "stage1") for m in MODALITIES}
     frozen = compose.frozen_compose(stage1, base)
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in _state(frozen).items())
     with pytest.raises(ValueError, match="changed its LLM"):
-        compose.frozen_compose({"image": zoo.load_model("image", "full")}, base)
+        compose.frozen_compose({"image": shipped.load_model("image", "full")}, base)
 
 
 def test_different_base_is_refused(base, lora_models):
@@ -88,4 +88,4 @@ def test_different_base_is_refused(base, lora_models):
 
 def test_duplicated_modality_is_refused(base, lora_models):
     with pytest.raises(ValueError, match="modality 'image' appears twice"):
-        compose.naivemc([lora_models["image"], zoo.load_model("image", "full")], base)
+        compose.naivemc([lora_models["image"], shipped.load_model("image", "full")], base)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mckit.build.experts import ExpertsConfig, build_experts
-from mckit.experiments import merging_zoo as merge_bench
+from mckit.experiments import merging_zoo
 from mckit.merge.registry import get
 from mckit.merge.task_vectors import task_vector
 from mckit.models.shipped import load_expert
@@ -26,31 +26,31 @@ def tiny():
 
 
 @pytest.mark.parametrize("regime", ["full", "lora"])
-@pytest.mark.parametrize("name", [m for m in merge_bench.BENCH_METHODS if get(m).has_lam])
+@pytest.mark.parametrize("name", [m for m in merging_zoo.BENCH_METHODS if get(m).has_lam])
 def test_every_method_is_linear_in_lambda(tiny, name, regime):
     """Scaling X computed once at lambda = 1 is exact: method(lambda) = lambda * method(1)."""
     base, taus = tiny
-    assert merge_bench.lambda_linearity_error(taus, base, name, regime, lam=0.3) < 1e-6
+    assert merging_zoo.lambda_linearity_error(taus, base, name, regime, lam=0.3) < 1e-6
 
 
 def test_benchmark_methods_are_the_registry_at_the_papers_settings():
-    assert merge_bench.BENCH_METHODS == ("average", "task_arithmetic", "ties", "dare_ta", "dare_ties", "tsv", "iso_c",
+    assert merging_zoo.BENCH_METHODS == ("average", "task_arithmetic", "ties", "dare_ta", "dare_ties", "tsv", "iso_c",
                                          "wudi", "optmerge")
     assert get("ties").defaults()["keep"] == 0.2 and get("dare_ta").defaults()["drop"] == 0.2
     with pytest.raises(ValueError, match="unknown merge method 'dare'"):
-        merge_bench.direction([], None, "dare", "full")
+        merging_zoo.direction([], None, "dare", "full")
 
 
 def test_weight_average_direction_is_mean_task_vector(tiny):
     base, taus = tiny
-    got = merge_bench.direction(taus, base, "average", "full")
+    got = merging_zoo.direction(taus, base, "average", "full")
     for name in got:
         assert torch.allclose(got[name], sum(t[name] for t in taus) / 3, atol=1e-6)
 
 
 def test_choose_lambda_uses_validation_and_breaks_ties_low():
     scores = {0.1: 0.2, 0.3: 0.5, 0.5: 0.5, 1.0: 0.4}
-    lam, seen = merge_bench.choose_lambda(lambda lam: lam, lambda model: scores[model], grid=scores)
+    lam, seen = merging_zoo.choose_lambda(lambda lam: lam, lambda model: scores[model], grid=scores)
     assert lam == 0.3 and seen == scores
 
 
@@ -74,12 +74,12 @@ def test_experts_keep_the_base_vision_side_and_embeddings(smoke_experts):
 
 
 def test_capability_table_runs_on_smoke_experts(smoke_experts):
-    table = merge_bench.capability_table("lora", n_val=2, n_test=2, methods=["average", "ties"],
+    table = merging_zoo.capability_table("lora", n_val=2, n_test=2, methods=["average", "ties"],
                                          experts_dir=smoke_experts)
     assert set(table) == {"base", *(f"expert:{t}" for t in TASKS), "multitask", "average", "ties"}
-    assert table["ties"]["lam"] in merge_bench.LAMBDAS and len(table["ties"]["val"]) == len(merge_bench.LAMBDAS)
+    assert table["ties"]["lam"] in merging_zoo.LAMBDAS and len(table["ties"]["val"]) == len(merging_zoo.LAMBDAS)
     assert table["average"]["val"] == {}
-    frame = merge_bench.capability_frame(table, "lora")
+    frame = merging_zoo.capability_frame(table, "lora")
     assert set(frame["task"]) == {*TASKS, "mean"} and frame["acc"].between(0, 1).all()
 
 
@@ -98,9 +98,9 @@ def test_failed_experts_build_leaves_nothing(tmp_path, monkeypatch):
 def test_report_section_shows_kit_beside_paper(smoke_experts):
     from mckit.report import reproduce
 
-    caps = {"lora": merge_bench.capability_table("lora", n_val=2, n_test=2, methods=["optmerge"],
+    caps = {"lora": merging_zoo.capability_table("lora", n_val=2, n_test=2, methods=["optmerge"],
                                                  experts_dir=smoke_experts)}
-    modality = merge_bench.modality_table("lora", n_val=4, n_test=4, methods=["ties"])
+    modality = merging_zoo.modality_table("lora", n_val=4, n_test=4, methods=["ties"])
     assert set(modality) == {"single:image", "single:audio", "single:video", "naivemc", "ties"}
     text = "\n".join(reproduce.zoo_section({"capabilities": caps, "rank_ratio": {}, "modalities": modality,
                                             "n_val_per_task": 2, "n_test_per_task": 2, "modality_variant": "lora"}))
@@ -111,7 +111,7 @@ def test_report_section_shows_kit_beside_paper(smoke_experts):
 
 
 def test_optimisation_check_moves_further_with_a_larger_lr(smoke_experts):
-    table = merge_bench.optimisation_check("full", lrs=(1e-5, 1e-3), experts_dir=smoke_experts)
+    table = merging_zoo.optimisation_check("full", lrs=(1e-5, 1e-3), experts_dir=smoke_experts)
     for _, rows in table.groupby("method"):
         assert (rows["loss_end"] < rows["loss_start"]).all()
         assert rows["moved"].iloc[1] > rows["moved"].iloc[0]

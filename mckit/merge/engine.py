@@ -7,22 +7,24 @@ one tensor name at a time across the base and every expert
 the output shard, so peak memory stays near one tensor per input plus the
 merge's temporaries, never whole models.
 
-* Tensors whose names match ``include`` (default: the LLM's 2-D linear
-  weights, :data:`DEFAULT_INCLUDE`) are merged; all others are copied from
-  the base.  Merging runs in float32; each output tensor keeps the base's dtype.
+* Tensors whose names match ``include`` (default :data:`DEFAULT_INCLUDE`: the
+  language model's seven linears per decoder layer, never a vision or audio
+  tower's) are merged; all others are copied from the base.  Options and their
+  defaults come from :mod:`mckit.merge.registry`.  Merging runs in float32; each output tensor keeps the base's dtype.
 * Average and task arithmetic never import torch.  Each tensor is cut into
   blocks of :data:`BLOCK` entries; worker threads read a block of every input
   with ``os.preadv`` into small reused buffers (they stay in the CPU cache),
-  combine them with numpy (:func:`linear_block`) and ``os.pwrite`` the block
+  combine them with numpy (:mod:`mckit.merge.linear_kernel`) and ``os.pwrite`` the block
   into the output: a few MiB per thread, and about the time it takes to read
   the inputs once.
-* Every other method memory-maps the tensor of each input and runs the torch
-  function of :mod:`mckit.merge.methods` on it (torch is imported on first use).
+* Every other method memory-maps the tensor of each input and runs
+  :func:`mckit.merge.kernels.merge_tensor` on it (torch is imported on first use).
 * TIES with ``scope="global"`` streams too: for each expert, two passes over
   its task vector find the exact global magnitude threshold (a 2^15 + 2^16 bin
-  bit-pattern histogram, :func:`mckit.merge.methods.streamed_magnitude_threshold`;
+  bit-pattern histogram, :func:`mckit.merge.thresholds.streamed_magnitude_threshold`;
   identical to ``kthvalue`` on the concatenated task vector), then a third pass merges.
-* DARE masks are seeded per tensor: ``tensor_seed(seed, name)`` (+ expert index).
+* DARE masks are seeded per tensor: :func:`mckit.merge.registry.tensor_seed` (+ expert index),
+  exactly as in memory (composition, :func:`merge_state_dict`).
 * The output (shards, index json, config/tokenizer/generation files copied
   from the base) is written into a temporary directory next to ``out`` and
   renamed into place at the end: a failed or interrupted merge leaves nothing

@@ -25,7 +25,7 @@ Methods (one function each, registered in :mod:`mckit.merge.registry`):
 Conventions that differ between tools (METHODS.md section 7) are explicit
 options: ``keep`` is always the fraction of entries KEPT; TIES can trim per
 tensor (``keep``) or with precomputed global ``thresholds``
-(:func:`global_magnitude_thresholds`); the TIES disjoint mean divides by the
+(:func:`mckit.merge.thresholds.global_magnitude_thresholds`); the TIES disjoint mean divides by the
 count of agreeing entries (``by="count"``, paper and PEFT) or by the sum of
 their weights (``by="weight"``, mergekit ``normalize``).
 

@@ -1,7 +1,9 @@
-"""The shipped toy world: load its models, inspect their anatomy, compute task vectors.
+"""The shipped models: load the toy world's and the capability experts', and read their build records.
 
 ``data/world`` (built by ``python -m mckit build-world``) holds a base LM and,
-per modality, three MLLMs: ``stage1`` (projector only), ``lora`` and ``full``.
+per modality, four MLLMs: ``stage1`` (projector only), ``frozen``, ``lora`` and
+``full``. ``data/experts`` (``python -m mckit build-experts``) holds the merging
+benchmark's base MLLM, five experts and a multi-task model per regime.
 """
 
 from __future__ import annotations

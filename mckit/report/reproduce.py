@@ -145,22 +145,22 @@ def markdown(frame: "pd.DataFrame", digits: int = 2) -> list[str]:
 
 def zoo_section(zoo: dict) -> list[str]:
     """REPORT.md: the merging benchmark beside the paper (capabilities, rank ratio, modality merging)."""
-    from mckit.experiments import merging_zoo as merge_bench
+    from mckit.experiments import merging_zoo
 
     lines = ["## The merging-algorithm zoo (capability experts, test items, exact match)", "",
              f"Mean accuracy (%) over the five capability tasks ({zoo['n_test_per_task']} test items per task; "
              f"lambda chosen on {zoo['n_val_per_task']} validation items per task). Paper: "
-             + "; ".join(f"{r}: {m}" for r, m in merge_bench.PAPER["capabilities_models"].items()) + ".", ""]
-    lines += markdown(merge_bench.capability_summary(zoo["capabilities"]))
+             + "; ".join(f"{r}: {m}" for r, m in merging_zoo.PAPER["capabilities_models"].items()) + ".", ""]
+    lines += markdown(merging_zoo.capability_summary(zoo["capabilities"]))
     for regime, table in zoo["capabilities"].items():
         lines += ["", f"Per task, {regime} fine-tuning:", ""]
-        lines += markdown(merge_bench.task_table(merge_bench.capability_frame(table, regime)), 3)
+        lines += markdown(merging_zoo.task_table(merging_zoo.capability_frame(table, regime)), 3)
     if zoo.get("rank_ratio"):
         lines += ["", "### OptMerge rank ratio (full fine-tuning, mean %)", ""]
-        lines += markdown(merge_bench.rank_summary(zoo["rank_ratio"]))
-    lines += ["", f"### Modality merging ({zoo['modality_variant']} models, {merge_bench.MODALITY_SPLIT}, "
+        lines += markdown(merging_zoo.rank_summary(zoo["rank_ratio"]))
+    lines += ["", f"### Modality merging ({zoo['modality_variant']} models, {merging_zoo.MODALITY_SPLIT}, "
                   "option score, %; paper: mean of MUSIC-AVQA and AVQA)", ""]
-    lines += markdown(merge_bench.modality_summary(zoo["modalities"]))
+    lines += markdown(merging_zoo.modality_summary(zoo["modalities"]))
     return lines + [""]
 
 
