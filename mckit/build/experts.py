@@ -33,10 +33,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mckit.eval.capabilities import capability_batch, eval_items, evaluate_capabilities
+from mckit.models.batch import Batch
 from mckit.models.checkpoints import save_mllm
 from mckit.models.encoders import ENC_DIM, ENC_TOKENS
 from mckit.models.lora import is_lora
-from mckit.models.mllm import MLLM, Batch, toy_branch
+from mckit.models.mllm import MLLM, toy_branch
 from mckit.models.shipped import MULTITASK, REGIMES, default_experts_dir, model_name
 from mckit.models.training import TEXT_SHARE, Presets, add_lora, fit, llm_trainable, mixed_examples
 from mckit.storage.atomic import atomic_dir

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from mckit.eval.protocols import EXACT, exact_match_by_task
-from mckit.models.mllm import MLLM, Batch
+from mckit.models.batch import Batch
+from mckit.models.mllm import MLLM
 from mckit.world.capabilities import TASKS, CapabilityItem, capability_items
 from mckit.world.entities import World
 from mckit.world.tasks import chat

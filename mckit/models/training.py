@@ -18,8 +18,9 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with_warmup
 
+from mckit.models.batch import Batch
 from mckit.models.lora import is_lora, is_lora_parameter
-from mckit.models.mllm import MLLM, Batch, Branch
+from mckit.models.mllm import MLLM, Branch
 from mckit.world.entities import World
 from mckit.world.tasks import Example, chat, sample
 
