@@ -6,6 +6,7 @@ are copied, never merged) and gets one LLM:
 - NaiveMC (METHODS.md 2):   theta = theta_0 + (1/N) * sum_i tau_i
 - task arithmetic:          theta = theta_0 + lambda * sum_i tau_i
 - frozen composition:       theta = theta_0 (projector-only source models)
+- any registered method:    theta = method(theta_0, [theta_0 + tau_i]) (:func:`method_deltas`)
 
 where tau_i is model i's task vector (for LoRA, the product dW_i = scale * B_i A_i,
 never A and B averaged separately). The controls separate the causes of a gain
