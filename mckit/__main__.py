@@ -3,7 +3,8 @@
 Each subcommand lives in a module that exposes a function (``add_parser`` unless
 named after a colon) registering the subcommand with ``func=`` set to the
 function that runs it. Only the chosen subcommand's module is imported, so
-``merge`` starts fast.
+``merge`` starts fast. Bad input (a missing world, an existing output, a wrong
+option) prints one line, ``error: ...``, and exits with status 2.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
         module, _, register = spec.partition(":")
         getattr(importlib.import_module(module), register or "add_parser")(sub)
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError) as err:           # bad input (a file, an option, an existing output)
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def test_dare_seed_changes_result(ckpts, tmp_path):
     (["--method", "dare_ties", "--drop", "1"], "error: drop must be in [0, 1), got 1.0"),
     (["--method", "average", "--keep", "0.5"], "error: option(s) keep do not apply to method average"),
     (["--method", "iso_c", "--scope", "global"], "error: scope='global' applies to ties, dare_ties, not iso_c"),
-    (["--method", "ties", "--include", "("], "error: missing ), unterminated subpattern"),
+    (["--method", "ties", "--include", "("], "error: --include '(' is not a valid regular expression"),
 ])
 def test_errors_one_line_exit_2(ckpts, tmp_path, capsys, extra, message):
     out = tmp_path / "out"
@@ -96,10 +96,15 @@ def test_existing_output_refused_then_overwritten(ckpts, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     assert _main(_args(ckpts, out, "--method", "average")) == 2
-    assert "exists (pass overwrite=True" in capsys.readouterr().err
+    assert "already exists; pass overwrite=True (--overwrite)" in capsys.readouterr().err
+    assert _main(_args(ckpts, out, "--method", "average", "--overwrite")) == 2     # not an output of the kit
+    assert "is not an output of the kit" in capsys.readouterr().err
     assert list(out.iterdir()) == []
-    assert _main(_args(ckpts, out, "--method", "average", "--overwrite")) == 0
-    assert (out / "model.safetensors").is_file()
+    out.rmdir()
+    assert _main(_args(ckpts, out, "--method", "average")) == 0
+    first = (out / "model.safetensors").read_bytes()
+    assert _main(_args(ckpts, out, "--method", "task_arithmetic", "--overwrite")) == 0    # a kit output: replaced
+    assert (out / "model.safetensors").read_bytes() != first and (out / ".mckit-output").is_file()
 
 
 def test_python_dash_m_entry_point(ckpts, tmp_path):

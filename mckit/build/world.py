@@ -41,7 +41,7 @@ from mckit.models.training import (
     train_stage1,
     train_stage2,
 )
-from mckit.storage.atomic import atomic_dir, atomic_write_text
+from mckit.storage.atomic import atomic_dir, atomic_write_text, check_replaceable
 from mckit.world.entities import MODALITIES, make_world
 from mckit.world.render import TEST_RENDER_SEED, TRAIN_RENDER_SEED, render_bank
 from mckit.world.tasks import corpus_words
@@ -146,6 +146,9 @@ def train_replicas(world_dir: str | Path, seeds: list[int], variant: str = "lora
     world_dir = Path(world_dir)
     rec = world_record(world_dir)
     cfg = BuildConfig(**{**rec["config"], "modalities": tuple(rec["config"]["modalities"])})
+    for mod in cfg.modalities:                    # refuse before hours of training, not after
+        for seed in seeds:
+            check_replaceable(world_dir / "models" / model_dir_name(mod, variant, seed), overwrite)
     world, base_llm = load_world(world_dir), load_base(world_dir)
     record_file = world_dir / "replicas.json"
     record = json.loads(record_file.read_text()) if record_file.is_file() else {"models": {}, "seconds": {}}

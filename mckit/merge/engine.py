@@ -35,7 +35,6 @@ merge's temporaries, never whole models.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from typing import NoReturn
 
 import numpy as np
 
+from mckit.merge.checks import MergeError, check_distinct, merged_names, open_checkpoint, prepare_out, validate_inputs
 from mckit.merge.linear_kernel import (
     BLOCK,
     all_finite,
@@ -64,7 +64,6 @@ from mckit.storage.tensorfiles import (
     BlockReader,
     Checkpoint,
     ShardWriter,
-    TensorFileError,
     plan_shards,
 )
 
@@ -80,10 +79,6 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 __all__ = ["DEFAULT_INCLUDE", "INDEX_FILE", "SINGLE_FILE", "MergeError", "merge_checkpoints",
            "merge_state_dict", "merge_array", "linear_merge"]
-
-
-class MergeError(ValueError):
-    """Bad merge input (paths, tensor names, shapes, values or options)."""
 
 
 class NonFiniteResult(ValueError):
@@ -142,39 +137,6 @@ def _resolve_options(method: str, options: dict, scope: str, seed: int) -> dict:
     return resolved
 
 
-def _validate_inputs(base: Checkpoint, experts: list[Checkpoint], merged: list[str],
-                     allow_vocab_mismatch: bool) -> None:
-    if not allow_vocab_mismatch:
-        vocab = base.config().get("vocab_size")
-        for e in experts:
-            other = e.config().get("vocab_size")
-            if vocab is not None and other is not None and other != vocab:
-                raise MergeError(f"different vocab sizes: base {base.path} has {vocab}, expert {e.path} "
-                                 f"has {other} (align the vocabularies first, or pass "
-                                 f"allow_vocab_mismatch=True to take unmerged tensors from the base)")
-    for name in merged:
-        for e in experts:
-            if name not in e:
-                raise MergeError(f"tensor {name} is missing in expert {e.path}")
-            if e.shape(name) != base.shape(name):
-                raise MergeError(f"tensor {name} has shape {e.shape(name)} in {e.file_of(name)} "
-                                 f"but {base.shape(name)} in {base.file_of(name)}")
-
-
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise MergeError(f"output directory {out} exists (pass overwrite=True to replace it)")
-    if not out.parent.is_dir():
-        raise MergeError(f"parent directory of the output does not exist: {out.parent}")
-
-
-def _open(path: str | Path) -> Checkpoint:
-    try:
-        return Checkpoint(path)
-    except TensorFileError as err:
-        raise MergeError(str(err)) from None
-
-
 # ------------------------------------------------------------- global TIES
 def _global_thresholds(method: str, base: Checkpoint, experts: list[Checkpoint], merged: list[str],
                        options: dict) -> list[float]:
@@ -203,17 +165,17 @@ def merge_checkpoints(method: str, base: str | Path, experts: Sequence[str | Pat
     """
     options = _resolve_options(method, options, scope, seed)
     out = Path(out)
-    _prepare_out(out, overwrite)
     if not experts:
         raise MergeError("no expert checkpoints given")
-    pattern = re.compile(include)
-    base_ck = _open(base)
-    expert_cks = [_open(e) for e in experts]
-    merged = [n for n in base_ck.names if pattern.fullmatch(n)]
-    _validate_inputs(base_ck, expert_cks, merged, allow_vocab_mismatch)
+    prepare_out(out, overwrite, [Path(base), *map(Path, experts)])
+    check_distinct(Path(base), [Path(e) for e in experts])
+    base_ck = open_checkpoint(base)
+    expert_cks = [open_checkpoint(e) for e in experts]
+    merged = merged_names(base_ck.names, include)
+    validate_inputs(base_ck, expert_cks, merged, allow_vocab_mismatch)
     thresholds = _global_thresholds(method, base_ck, expert_cks, merged, options) if scope == "global" else None
     run = _MergeRun(method, base_ck, expert_cks, set(merged), options, thresholds)
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         _write_merge(run, tmp, max_shard_bytes, progress)
         _copy_side_files(base_ck.path, tmp)
     return out
@@ -345,8 +307,7 @@ def merge_state_dict(method: str, base: dict, experts: Sequence[dict], *, includ
     from mckit.merge.methods import check_finite
 
     options = _resolve_options(method, options, scope, seed)
-    pattern = re.compile(include)
-    merged = [n for n in base if pattern.fullmatch(n)]
+    merged = merged_names(list(base), include)
     for name in merged:
         for i, e in enumerate(experts):
             if name not in e:

@@ -86,7 +86,21 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raise TensorFileError(f"tensor {name} in {path}: data_offsets {begin}..{end} do not match "
                                   f"shape {info.shape} {info.code} or the file size")
         infos[name] = info
+    _check_contiguous(path, infos, start, size)
     return dict(sorted(infos.items(), key=lambda kv: kv[1].offset))
+
+
+def _check_contiguous(path: Path, infos: dict[str, TensorInfo], start: int, size: int) -> None:
+    """The tensors' byte ranges must tile the data section exactly, as safetensors requires: no overlap, no gap."""
+    end = start
+    for name, info in sorted(infos.items(), key=lambda kv: (kv[1].offset, kv[1].nbytes)):
+        if info.offset != end:
+            kind = "overlaps the tensor before it" if info.offset < end else "leaves a gap before it"
+            raise TensorFileError(f"tensor {name} in {path}: its data_offsets start at {info.offset - start}, "
+                                  f"which {kind} (expected {end - start})")
+        end = info.offset + info.nbytes
+    if end != size:
+        raise TensorFileError(f"{path}: the tensors' data ends at byte {end} but the file has {size} bytes")
 
 
 def read_array(info: TensorInfo) -> np.ndarray:
@@ -129,7 +143,9 @@ class Checkpoint:
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise TensorFileError(f"{index} has no weight_map object (tensor name -> shard file)")
             for f in set(weight_map.values()):
                 if not (self.path / f).is_file():
                     raise TensorFileError(f"shard {f} listed in {index} is missing")
@@ -159,7 +175,18 @@ class Checkpoint:
 
     def config(self) -> dict:
         path = self.path / "config.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return _read_json(path) if path.is_file() else {}
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from ``path``; anything else is a :class:`TensorFileError` naming the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TensorFileError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise TensorFileError(f"{path} is not a JSON object")
+    return value
 
 
 def plan_shards(entries: list[tuple[str, tuple[int, ...], str]], max_shard_bytes: int) -> list[list]:
