@@ -154,3 +154,11 @@ def test_mrope_positions_follow_the_grid_and_text_resumes_after_it():
     assert (text_only == LLMAdapter().position_ids(torch.tensor([[0, 0, 1, 1, 1]]), [[]])[None]).all()
     with pytest.raises(ValueError, match="does not hold"):
         MRoPEAdapter({"image": (2, 2, 2)}).position_ids(mask, spans)
+
+
+def test_routed_composition_of_nothing_is_a_clear_error(tiny_mllm):
+    from mckit.compose.routed import modality_routed
+
+    for call in (lambda: modality_routed([], tiny_mllm.llm), lambda: routed_compose({}, tiny_mllm.llm, {})):
+        with pytest.raises(ValueError, match="nothing to compose"):
+            call()

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import torch
 
-from mckit.compose.static import add_deltas, as_dict, check_same_base, merged_deltas, with_llm
+from mckit.compose.static import add_deltas, as_dict, check_models, check_same_base, merged_deltas, with_llm
 from mckit.merge.task_vectors import task_vector
 from mckit.models.mllm import MLLM
 from mckit.models.routing import DenseDelta, route_linears
@@ -34,6 +34,7 @@ def routed_compose(models, base: torch.nn.Module, deltas: Mapping[str, Mapping[s
     ``model.layers.0.self_attn.q_proj.weight``; a weight missing from a route counts as 0.
     """
     models = as_dict(models)
+    check_models(models)
     unknown = set(deltas) - {TEXT, *models}
     if unknown:
         raise ValueError(f"deltas for route(s) {sorted(unknown)} that no model provides; routes: text, {list(models)}")
@@ -54,6 +55,7 @@ def routed_compose(models, base: torch.nn.Module, deltas: Mapping[str, Mapping[s
 def modality_routed(models, base: torch.nn.Module) -> MLLM:
     """Text on NaiveMC's theta_0 + mean_i tau_i; modality m's tokens on theta_0 + tau_m (its own model's LLM)."""
     models = as_dict(models)
+    check_models(models)
     check_same_base(models, base)
     taus = {mod: task_vector(model, base) for mod, model in models.items()}
     deltas = {TEXT: merged_deltas(list(taus.values()), 1.0 / len(taus)), **taus}

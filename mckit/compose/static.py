@@ -20,6 +20,8 @@ instruction data (variant ``frozen`` of :mod:`mckit.build.world`).
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from collections.abc import Mapping
 
 import torch
@@ -47,9 +49,10 @@ def check_same_base(models: Mapping[str, MLLM], base: torch.nn.Module) -> None:
                                       "from the base's; models can only be composed over one base")
 
 
-def _check_models(models: Mapping[str, MLLM]) -> None:
+def check_models(models: Mapping[str, MLLM]) -> None:
+    """At least one model, each single-modality and keyed by its modality."""
     if not models:
-        raise ValueError("nothing to compose: give at least one model")
+        raise ValueError("nothing to compose: no models given (an empty list or dict); give at least one model")
     for mod, model in models.items():
         if model.modalities != [mod]:
             raise ValueError(f"models must be single-modality and keyed by their modality; the model under "
@@ -86,9 +89,29 @@ def add_deltas(base: torch.nn.Module, deltas: Mapping[str, torch.Tensor]) -> tor
     return llm.eval()
 
 
+def coefficients(lam, n: int) -> list[float]:
+    """``lam`` as ``n`` coefficients: one number (the same for every model) or one per model, each finite.
+
+    Numpy and torch numbers or arrays are read as Python ones. Raises ValueError naming
+    the coefficient (``lam`` or ``lam[i]``) that is not a finite number.
+    """
+    lam = lam.tolist() if hasattr(lam, "tolist") else lam
+    single = not isinstance(lam, (list, tuple))
+    lams = [lam] * n if single else list(lam)
+    if len(lams) != n:
+        raise ValueError(f"{len(lams)} coefficients lam for {n} models; give one number or one per model")
+    for i, value in enumerate(lams):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"coefficient {'lam' if single else f'lam[{i}]'} = {value!r} is not a finite number")
+    return [float(v) for v in lams]
+
+
 def merged_deltas(taus: list[dict[str, torch.Tensor]], lam: float | list[float]) -> dict[str, torch.Tensor]:
-    """sum_i lambda_i * tau_i per tensor (a tensor missing from a task vector counts as zero)."""
-    lams = [lam] * len(taus) if isinstance(lam, (int, float)) else list(lam)
+    """sum_i lambda_i * tau_i per tensor (a tensor missing from a task vector counts as zero).
+
+    ``lam``: one number, or one per task vector; every coefficient must be finite.
+    """
+    lams = coefficients(lam, len(taus))
     names = sorted({n for t in taus for n in t})
     out = {}
     for name in names:
@@ -97,18 +120,23 @@ def merged_deltas(taus: list[dict[str, torch.Tensor]], lam: float | list[float])
     return out
 
 
-def task_arithmetic_compose(models, base: torch.nn.Module, lam: float) -> MLLM:
-    """theta_0 + lambda * sum_i tau_i, with every model's branch. ``models``: list or {modality: model}."""
+def task_arithmetic_compose(models, base: torch.nn.Module, lam: float | list[float]) -> MLLM:
+    """theta_0 + sum_i lambda_i * tau_i, with every model's branch. ``models``: list or {modality: model}.
+
+    ``lam``: one coefficient for every model or one per model (see :func:`coefficients`).
+    """
     models = as_dict(models)
-    _check_models(models)
+    check_models(models)
+    lams = coefficients(lam, len(models))
     check_same_base(models, base)
     taus = [task_vector(m, base) for m in models.values()]
-    return with_llm(add_deltas(base, merged_deltas(taus, lam)), models)
+    return with_llm(add_deltas(base, merged_deltas(taus, lams)), models)
 
 
 def naivemc(models, base: torch.nn.Module) -> MLLM:
     """NaiveMC: theta_0 + (1/N) sum_i tau_i (LoRA: average of the products B A), every branch kept."""
     models = as_dict(models)
+    check_models(models)
     return task_arithmetic_compose(models, base, 1.0 / len(models))
 
 
@@ -132,7 +160,7 @@ def method_deltas(taus: list[dict[str, torch.Tensor]], base: torch.nn.Module, me
 def frozen_compose(models, base: torch.nn.Module) -> MLLM:
     """The frozen-LLM composition: theta_0 itself with every model's projector (models must not change the LLM)."""
     models = as_dict(models)
-    _check_models(models)
+    check_models(models)
     check_same_base(models, base)
     for mod, model in models.items():
         if task_vector(model, base):
@@ -142,6 +170,8 @@ def frozen_compose(models, base: torch.nn.Module) -> MLLM:
 
 def dilution_control(model: MLLM, base: torch.nn.Module, n: int) -> MLLM:
     """Control "dilution": theta_0 + tau_m / N with modality m's branch only (NaiveMC's shrinkage, no conflict)."""
+    if n < 1:
+        raise ValueError(f"dilution control: n (the number of composed models) must be >= 1, got {n}")
     return task_arithmetic_compose({model.modalities[0]: model}, base, 1.0 / n)
 
 
@@ -164,8 +194,9 @@ def lora_factor_average(models, base: torch.nn.Module) -> dict[str, torch.Tensor
     Returned as deltas keyed by weight name, to compare with the correct
     ``mean_i(scale * B_i A_i)`` of :func:`merged_deltas`.
     """
-    models = list(as_dict(models).values())
-    layers = [dict(lora_layers(m.llm)) for m in models]
+    models = as_dict(models)
+    check_models(models)
+    layers = [dict(lora_layers(m.llm)) for m in models.values()]
     out = {}
     for name, module in layers[0].items():
         A = torch.stack([mods[name].lora_A[ADAPTER].weight.float() for mods in layers]).mean(0)
@@ -179,6 +210,7 @@ def lora_trap_table(models, base: torch.nn.Module) -> "pd.DataFrame":
     import pandas as pd
 
     models = as_dict(models)
+    check_models(models)
     right = merged_deltas([task_vector(m, base) for m in models.values()], 1.0 / len(models))
     wrong = lora_factor_average(models, base)
     rows = [{"tensor": name, "relative_error": float((wrong[name] - right[name]).norm() / right[name].norm())}

@@ -13,17 +13,20 @@ paths are relative to the benchmark root. ``python -m mckit build-mcub`` writes
 modality a single-modality test set (identify / attribute / describe / level)
 used for retention. Entity combinations of test and val items come from their
 own hash buckets (:func:`mckit.world.tasks.combo_split`), never seen in training.
+Reading (:func:`load_split`, :class:`MCUBItem`, :class:`MCUBError`, ...) lives in
+:mod:`mckit.eval.mcub_reader` and is re-exported here.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from mckit.eval.mcub_reader import (MODALITY_OF_KEY, OPTION_LETTERS, SCHEMA_KEY, MCUBError,  # noqa: F401
+                                    MCUBItem, load_media, load_split, parse_options)
 from mckit.storage.atomic import atomic_dir
 from mckit.storage.paths import DATA_DIR
 from mckit.world.entities import FAMILIES, LEVELS, MODALITIES, World
@@ -38,54 +41,11 @@ SPLITS: dict[str, tuple[str, ...]] = {
     "MCUB-3-image-audio-point": ("image", "audio", "point"),
     "MCUB-3-image-video-point": ("image", "video", "point"),
 }
-#: MCUB's ``modal_inputs`` keys for the kit's modality names.
-SCHEMA_KEY = {"image": "vision", "audio": "audio", "video": "video", "point": "point"}
-MODALITY_OF_KEY = {**{v: k for k, v in SCHEMA_KEY.items()}, "image": "image", "pointcloud": "point"}
 #: Single-modality tasks kept for retention (a model's own skills).
 SINGLE_TASKS = ("identify", "attribute", "describe", "level")
 #: Distinct renders per (modality, entity, level) in the media pool of each part.
 RENDERS = {"test": 3, "val": 2}
 RENDER_SEED = {"test": 2, "val": 3}
-_OPTION = re.compile(r"\(\s*([A-H])\s*\)\s*(.+?)(?=\s*\(\s*[A-H]\s*\)|\s+\.\s|\s*\.?\s*$)")
-_OPTION_LINE = re.compile(r"(?m)^\s*([A-H])[.)]\s*(.+?)\s*$")
-
-
-class MCUBError(ValueError):
-    """A malformed benchmark file; the message names the file and the item."""
-
-
-@dataclass
-class MCUBItem:
-    """One benchmark item: the human turn (with placeholders), its options and media files.
-
-    ``media[m]`` lists modality ``m``'s files in placeholder order; ``answer`` is the gold
-    reply (a letter for multiple choice), ``options`` the option texts in letter order
-    (empty for open questions).
-    """
-
-    id: str
-    prompt: str
-    media: dict[str, list[Path]]
-    answer: str | None = None
-    options: list[str] = field(default_factory=list)
-    task: str = ""
-
-    @property
-    def modalities(self) -> list[str]:
-        """Modalities in the order their placeholders appear in the prompt."""
-        return [m for m in re.findall(r"<([A-Za-z_]+)>", self.prompt)]
-
-
-def parse_options(prompt: str) -> list[str]:
-    """Option texts in letter order: ``( A ) colour ( B ) size`` or one ``A. text`` per line."""
-    for pattern in (_OPTION, _OPTION_LINE):
-        found = pattern.findall(prompt)
-        if len(found) >= 2:
-            letters = [f[0] for f in found]
-            if letters != list("ABCDEFGH"[:len(letters)]):
-                raise MCUBError(f"options are not lettered A, B, C, ... in order: {letters}")
-            return [f[1].strip() for f in found]
-    return []
 
 
 # --------------------------------------------------------------------------- writing
@@ -204,79 +164,6 @@ def one_entity_oracle(world: World, split: str, n: int, part: str = "test", seed
     return float(np.mean(accs))
 
 
-# --------------------------------------------------------------------------- reading
-
-def _read_json(path: Path) -> list[dict]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MCUBError(f"{path}: no such file") from None
-    except json.JSONDecodeError as err:
-        raise MCUBError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, list):
-        raise MCUBError(f"{path}: expected a JSON list of items, got {type(data).__name__}")
-    return data
-
-
-def _turn(record: dict, who: str) -> str | None:
-    for turn in record.get("conversations", []):
-        if turn.get("from") == who:
-            return turn.get("value")
-    return None
-
-
-def _item(record: dict, answers: dict[str, str], root: Path, source: Path) -> MCUBItem:
-    item_id = record.get("id")
-    where = f"{source}: item {item_id!r}"
-    prompt = _turn(record, "human")
-    if item_id is None or prompt is None:
-        raise MCUBError(f"{where}: needs an 'id' and a human turn in 'conversations'")
-    media: dict[str, list[Path]] = {}
-    for key, paths in record.get("modal_inputs", {}).items():
-        if key not in MODALITY_OF_KEY:
-            raise MCUBError(f"{where}: unknown modal_inputs key {key!r}; expected one of {sorted(MODALITY_OF_KEY)}")
-        mod = MODALITY_OF_KEY[key]
-        media[mod] = [root / p for p in ([paths] if isinstance(paths, str) else paths)]
-        for p in media[mod]:
-            if not p.is_file():
-                raise MCUBError(f"{where}: missing {mod} file {p}")
-        if prompt.count(f"<{mod}>") != len(media[mod]):
-            raise MCUBError(f"{where}: {prompt.count(f'<{mod}>')} <{mod}> placeholder(s) but {len(media[mod])} file(s)")
-    try:
-        options = parse_options(prompt)
-    except MCUBError as err:
-        raise MCUBError(f"{where}: {err}") from None
-    answer = answers.get(item_id, _turn(record, "gpt"))
-    letters = "ABCDEFGH"[:len(options)]
-    if options and answer is not None and (not answer.strip() or answer.strip()[0] not in letters):
-        raise MCUBError(f"{where}: answer {answer!r} is not one of the option letters {letters}")
-    return MCUBItem(item_id, prompt, media, answer, options, record.get("task", ""))
-
-
-def load_split(questions: str | Path, answers: str | Path | None = None, root: str | Path | None = None) -> list[MCUBItem]:
-    """Read one split in MCUB's schema; media paths are resolved against ``root``.
-
-    ``answers`` (optional): the answer file (same schema, gpt turn = gold). Without
-    it, gold answers are read from the question file's own gpt turns, if any.
-    ``root`` defaults to the folder above the question file's folder (the kit's
-    layout: ``root/MCUB-4/test.json`` with ``root/media/...``). Raises
-    :class:`MCUBError` naming the file and item for a missing media file, a
-    placeholder without a file, or an answer letter that is not an option.
-    """
-    questions = Path(questions)
-    root = Path(root) if root is not None else questions.parent.parent
-    gold = {}
-    if answers is not None:
-        for rec in _read_json(Path(answers)):
-            if rec.get("id") is not None and _turn(rec, "gpt") is not None:
-                gold[rec["id"]] = _turn(rec, "gpt")
-    items = [_item(rec, gold, root, questions) for rec in _read_json(questions)]
-    ids = [it.id for it in items]
-    if len(set(ids)) != len(ids):
-        raise MCUBError(f"{questions}: duplicated item ids")
-    return items
-
-
 def default_root() -> Path:
     """``data/mcub`` of the repository this package lives in."""
     return DATA_DIR / "mcub"
@@ -289,14 +176,6 @@ def load_benchmark(split: str, part: str = "test", root: str | Path | None = Non
     if not (folder / f"{part}.json").is_file():
         raise FileNotFoundError(f"no {split}/{part}.json under {root}: build it with `python -m mckit build-mcub`")
     return load_split(folder / f"{part}.json", folder / f"{part}_answers.json", root)
-
-
-def load_media(path: Path) -> np.ndarray:
-    """One media file as float32. The toy world stores ``.npy``; other formats need a decoder."""
-    if path.suffix != ".npy":
-        raise MCUBError(f"{path}: no decoder for {path.suffix!r} files; decode it with the source model's "
-                        "processor and pass arrays instead")
-    return np.load(path).astype(np.float32)
 
 
 def add_parser(sub) -> None:

@@ -33,6 +33,8 @@ from mckit.models.mllm import MLLM, Branch, toy_branch
 from mckit.storage.atomic import atomic_dir
 
 FORMAT = "mckit-mllm"
+#: Kinds of the ``llm`` entry of ``mllm.json`` and the paths each needs.
+LLM_KINDS = {"full": ("path",), "lora": ("path", "base"), "base": ("base",)}
 
 
 class CheckpointError(ValueError):
@@ -115,9 +117,35 @@ def read_meta(path: Path) -> dict:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{meta_file} is not valid JSON: {err}") from err
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else meta
+        raise CheckpointError(f"{meta_file}: format {found!r}, expected {FORMAT!r}")
+    _check_llm_entry(meta.get("llm"), meta_file)
+    _check_modalities(meta.get("modalities"), meta_file)
     return meta
+
+
+def _check_llm_entry(entry, meta_file: Path) -> None:
+    """The ``llm`` entry of ``mllm.json``: ``{"kind", "path" and/or "base"}`` (see :data:`LLM_KINDS`)."""
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{meta_file}: no 'llm' entry (an object with 'kind' and 'path' or 'base'), "
+                              f"got {entry!r}")
+    kind = entry.get("kind")
+    if kind not in LLM_KINDS:
+        raise CheckpointError(f"{meta_file}: 'llm' kind {kind!r}, expected one of {sorted(LLM_KINDS)}")
+    for key in LLM_KINDS[kind]:
+        if not isinstance(entry.get(key), str):
+            raise CheckpointError(f"{meta_file}: 'llm' entry of kind {kind!r} needs a {key!r} path")
+
+
+def _check_modalities(modalities, meta_file: Path) -> None:
+    """The ``modalities`` entry of ``mllm.json``: ``{modality: {"projector": type, "n_tokens": n}}``."""
+    if not isinstance(modalities, dict):
+        raise CheckpointError(f"{meta_file}: no 'modalities' entry (an object {{modality: {{'projector': type}}}}), "
+                              f"got {modalities!r}")
+    for mod, spec in modalities.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("projector"), str):
+            raise CheckpointError(f"{meta_file}: modality {mod!r} needs a 'projector' type, got {spec!r}")
 
 
 @contextmanager
@@ -154,26 +182,48 @@ def load_llm(path: str | Path):
         return AutoModelForCausalLM.from_pretrained(str(path)).eval()
 
 
+def load_tokenizer_dir(folder: Path) -> PreTrainedTokenizerFast:
+    """A checkpoint's ``tokenizer/`` folder, or :class:`CheckpointError` naming it."""
+    if not (folder / "tokenizer.json").is_file():
+        what = "no tokenizer.json in the tokenizer folder" if folder.is_dir() else "missing tokenizer folder"
+        raise CheckpointError(f"{what} {folder}")
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    except Exception as err:  # tokenizers raises a bare Exception for a corrupt file
+        raise CheckpointError(f"corrupt tokenizer {folder / 'tokenizer.json'}: {err}") from err
+
+
+def _load_checkpoint_llm(path: Path, entry: dict):
+    """The LLM an ``llm`` entry describes: the checkpoint's own, its base, or its base with a LoRA adapter."""
+    if entry["kind"] == "full":
+        return load_llm(path / entry["path"])
+    llm = load_llm((path / entry["base"]).resolve())
+    if entry["kind"] == "lora":
+        check_safetensors(path / entry["path"] / "adapter_model.safetensors")
+        llm = PeftModel.from_pretrained(llm, str(path / entry["path"])).eval()
+    return llm
+
+
 def load_mllm(path: str | Path, modalities: list[str] | None = None) -> MLLM:
-    """Load an MLLM checkpoint (optionally only some of its branches)."""
+    """Load an MLLM checkpoint (optionally only some of its branches).
+
+    ``mllm.json``, the branch choice and the tokenizer are checked before the LLM loads;
+    a bad checkpoint raises :class:`CheckpointError` naming the file or folder.
+    """
     path = Path(path)
     meta = read_meta(path)
-    entry = meta["llm"]
-    if entry["kind"] == "full":
-        llm = load_llm(path / entry["path"])
-    else:
-        llm = load_llm((path / entry["base"]).resolve())
-        if entry["kind"] == "lora":
-            check_safetensors(path / entry["path"] / "adapter_model.safetensors")
-            llm = PeftModel.from_pretrained(llm, str(path / entry["path"])).eval()
-    hidden = llm.get_input_embeddings().weight.shape[1]
     wanted = modalities or list(meta["modalities"])
     missing = [m for m in wanted if m not in meta["modalities"]]
     if missing:
         raise CheckpointError(f"{path}: no branch for modality {missing}; it has {list(meta['modalities'])}")
-    branches = {m: toy_branch(m, hidden, meta["modalities"][m]["projector"]) for m in wanted}
+    tokenizer = load_tokenizer_dir(path / "tokenizer")
+    llm = _load_checkpoint_llm(path, meta["llm"])
+    hidden = llm.get_input_embeddings().weight.shape[1]
+    try:
+        branches = {m: toy_branch(m, hidden, meta["modalities"][m]["projector"]) for m in wanted}
+    except ValueError as err:
+        raise CheckpointError(f"{path / 'mllm.json'}: {err}") from None
     load_branch_state(branches, load_tensors(path / "branches.safetensors"), path / "branches.safetensors")
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path / "tokenizer"))
     model = MLLM(llm, tokenizer, branches).eval()
     model.requires_grad_(False)
     return model

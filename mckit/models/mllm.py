@@ -26,6 +26,14 @@ from mckit.models.batch import TEXT_ROUTE, Batch, build_batch
 from mckit.models.encoders import ENC_TOKENS, make_encoder
 from mckit.models.projectors import PROJECTOR_TYPE, make_projector
 from mckit.models.routing import RouteState
+from mckit.world.render import IMAGE_SIZE, N_FRAMES, N_POINTS, N_SAMPLES
+
+
+#: Shape of one raw toy input per modality, as :mod:`mckit.world.render` draws it.
+TOY_INPUT_SHAPE: dict[str, tuple[int, ...]] = {
+    "image": (3, IMAGE_SIZE, IMAGE_SIZE), "audio": (N_SAMPLES,), "video": (N_FRAMES, IMAGE_SIZE, IMAGE_SIZE),
+    "point": (N_POINTS, 6),
+}
 
 
 class Branch(nn.Module):
@@ -33,11 +41,12 @@ class Branch(nn.Module):
 
     ``encoder``: raw batch -> (B, T_enc, d_enc); ``projector``: (B, T_enc, d_enc) ->
     (B, n_tokens, d_llm). Any modules fit (a CLIP tower and LLaVA's projector with
-    ``n_tokens=576``); :func:`toy_branch` builds the toy world's.
+    ``n_tokens=576``); :func:`toy_branch` builds the toy world's. ``input_shape``: the
+    shape of one raw input, checked by :meth:`MLLM.encode_inputs` (None: not checked).
     """
 
     def __init__(self, modality: str, encoder: nn.Module, projector: nn.Module, n_tokens: int = 1,
-                 projector_type: str = "custom"):
+                 projector_type: str = "custom", input_shape: tuple | None = None):
         super().__init__()
         if n_tokens < 1:
             raise ValueError(f"branch {modality}: n_tokens must be >= 1, got {n_tokens}")
@@ -46,6 +55,7 @@ class Branch(nn.Module):
         self.encoder = encoder.eval().requires_grad_(False)
         self.projector = projector
         self.n_tokens = int(n_tokens)
+        self.input_shape = tuple(int(n) for n in input_shape) if input_shape is not None else None
 
     @torch.no_grad()
     def encode(self, raw: torch.Tensor) -> torch.Tensor:
@@ -64,7 +74,8 @@ class Branch(nn.Module):
 def toy_branch(modality: str, hidden: int, projector: str | None = None) -> Branch:
     """The toy world's branch of ``modality``: its small encoder, and mlp2x_gelu (audio: a Q-Former), 1 position."""
     kind = projector or PROJECTOR_TYPE[modality]
-    return Branch(modality, make_encoder(modality), make_projector(kind, hidden, ENC_TOKENS[modality]), 1, kind)
+    return Branch(modality, make_encoder(modality), make_projector(kind, hidden, ENC_TOKENS[modality]), 1, kind,
+                  TOY_INPUT_SHAPE[modality])
 
 
 class MLLM(nn.Module):
@@ -97,19 +108,46 @@ class MLLM(nn.Module):
         return {m: i + 1 for i, m in enumerate(self.branches)}
 
     def encode_inputs(self, inputs: list[dict[str, list]]) -> list[dict[str, list[torch.Tensor]]]:
-        """Raw inputs (arrays or tensors) -> encoder features, batched per modality."""
+        """Raw inputs (arrays or tensors) -> encoder features, batched per modality.
+
+        Raises ValueError naming the item, the modality and the shape for an input that
+        is not of its branch's ``input_shape`` (or, if that is None, of the first one's
+        shape) or that holds NaN or inf.
+        """
         out: list[dict[str, list[torch.Tensor]]] = [{} for _ in inputs]
         for mod in sorted({m for item in inputs for m in item}):
             if mod not in self.branches:
                 raise ValueError(f"unknown modality {mod!r}; this model has {self.modalities}")
-            raws = [torch.as_tensor(x, dtype=torch.float32, device=self.device) for item in inputs
-                    for x in item.get(mod, [])]
-            if not raws:
+            raws = self._raw_inputs(inputs, mod)
+            if raws is None:
                 continue
-            feats = iter(self.branches[mod].encode(torch.stack(raws)))
+            feats = iter(self.branches[mod].encode(raws))
             for i, item in enumerate(inputs):
                 out[i][mod] = [next(feats) for _ in item.get(mod, [])]
         return out
+
+    def _raw_inputs(self, inputs: list[dict[str, list]], mod: str) -> torch.Tensor | None:
+        """Modality ``mod``'s raw inputs of every item stacked as float32, checked (see :meth:`encode_inputs`)."""
+        expected = self.branches[mod].input_shape
+        names, raws = [], []
+        for i, item in enumerate(inputs):
+            for k, x in enumerate(item.get(mod, [])):
+                names.append(f"item {i}: {mod} input {k}")
+                try:
+                    raw = torch.as_tensor(x, dtype=torch.float32, device=self.device)
+                except (TypeError, ValueError, RuntimeError):
+                    raise ValueError(f"{names[-1]} is not a numeric array ({type(x).__name__})") from None
+                shape = expected or (tuple(raws[0].shape) if raws else tuple(raw.shape))
+                if tuple(raw.shape) != shape:
+                    raise ValueError(f"{names[-1]} has shape {tuple(raw.shape)}, expected {shape}")
+                raws.append(raw)
+        if not raws:
+            return None
+        stacked = torch.stack(raws)
+        bad = ~torch.isfinite(stacked)
+        if bool(bad.any()):
+            raise ValueError(f"{names[int(bad.nonzero()[0, 0])]} contains NaN or inf")
+        return stacked
 
     def batch(self, prompts: list[str], inputs: list[dict[str, list]], answers: list[str] | None = None,
               encoded: bool = False) -> Batch:
