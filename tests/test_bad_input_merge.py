@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from _merge_helpers import fine_tuned, save_checkpoint, tiny_base
+
 from mckit.merge import engine as E
 from mckit.storage.atomic import MARKER, atomic_dir, remove_stale_temporaries
 

@@ -14,6 +14,8 @@ from mckit.__main__ import main
     (["build-world", "--out", "{tmp}/file", "--preset", "smoke", "--overwrite"], "is not an output of the kit"),
     (["build-mcub", "--out", "{tmp}/foreign", "--overwrite"], "is not an output of the kit"),
     (["reproduce", "--out", "{tmp}/foreign", "--mode", "smoke"], "is not an output of the kit"),
+    (["build-mcub", "--out", "{tmp}/mcub", "--n-test", "-5"], "n_test (--n-test) must be a whole number >= 1, got -5"),
+    (["build-mcub", "--out", "{tmp}/mcub", "--n-val", "0"], "n_val (--n-val) must be a whole number >= 1, got 0"),
 ])
 def test_cli_bad_input_is_one_line_and_status_2(tmp_path, capsys, argv, message):
     (tmp_path / "file").write_text("mine")

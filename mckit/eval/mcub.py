@@ -25,8 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-from mckit.eval.mcub_reader import (MODALITY_OF_KEY, OPTION_LETTERS, SCHEMA_KEY, MCUBError,  # noqa: F401
-                                    MCUBItem, load_media, load_split, parse_options)
+from mckit.eval.mcub_reader import (  # noqa: F401
+    MODALITY_OF_KEY,
+    OPTION_LETTERS,
+    SCHEMA_KEY,
+    MCUBError,
+    MCUBItem,
+    load_media,
+    load_split,
+    parse_options,
+)
 from mckit.storage.atomic import atomic_dir
 from mckit.storage.paths import DATA_DIR
 from mckit.world.entities import FAMILIES, LEVELS, MODALITIES, World
@@ -115,6 +123,9 @@ def build_benchmark(out: str | Path, world: World, n_test: int = 400, n_val: int
 
     Returns the number of items per file written.
     """
+    for name, value in (("n_test", n_test), ("n_val", n_val), ("n_single", n_single)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a whole number >= 1, got {value!r}")
     counts: dict[str, int] = {}
     with atomic_dir(Path(out), overwrite) as tmp:
         media: set[str] = set()

@@ -28,7 +28,6 @@ from mckit.models.projectors import PROJECTOR_TYPE, make_projector
 from mckit.models.routing import RouteState
 from mckit.world.render import IMAGE_SIZE, N_FRAMES, N_POINTS, N_SAMPLES
 
-
 #: Shape of one raw toy input per modality, as :mod:`mckit.world.render` draws it.
 TOY_INPUT_SHAPE: dict[str, tuple[int, ...]] = {
     "image": (3, IMAGE_SIZE, IMAGE_SIZE), "audio": (N_SAMPLES,), "video": (N_FRAMES, IMAGE_SIZE, IMAGE_SIZE),

@@ -1,0 +1,148 @@
+"""Checks of the notebooks' parameters, with messages a student can act on.
+
+Every notebook calls :func:`check_parameters` in the cell right after its
+``parameters`` cell, with every parameter it declares. A bad value stops there
+with one line naming the parameter, what is wrong, and what to write instead,
+rather than an IndexError or an assertion deep inside a later cell.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from mckit.eval.mcub import SPLITS, load_benchmark
+from mckit.models.shipped import REGIMES, VARIANTS, world_record
+from mckit.world.entities import MODALITIES
+
+
+class ParameterError(ValueError):
+    """A notebook parameter with a value the notebook cannot use."""
+
+
+def _fail(name: str, value, problem: str) -> None:
+    raise ParameterError(f"{name} = {value!r}: {problem}; change it in the parameters cell")
+
+
+def _choice(options: tuple) -> Callable:
+    def check(name, value, params):
+        if value not in options:
+            _fail(name, value, f"expected one of {', '.join(map(repr, options))}")
+    return check
+
+
+def _subset(options: tuple, allow_none: bool = False) -> Callable:
+    def check(name, value, params):
+        if value is None and allow_none:
+            return
+        if not isinstance(value, (list, tuple)) or not value:
+            _fail(name, value, f"expected a non-empty list of {', '.join(map(repr, options))}")
+        bad = [v for v in value if v not in options]
+        if bad or len(set(value)) != len(value):
+            _fail(name, value, f"{bad[0]!r} is not one of {', '.join(map(repr, options))}" if bad
+                  else "each value may appear once")
+    return check
+
+
+def _count(minimum: int = 1, allow_none: bool = False) -> Callable:
+    def check(name, value, params):
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            _fail(name, value, f"expected a whole number >= {minimum}" + (" or None" if allow_none else ""))
+    return check
+
+
+def _flag(name, value, params):
+    if not isinstance(value, bool):
+        _fail(name, value, "expected True or False")
+
+
+def _directory(name, value, params):
+    if value is not None and not Path(value).is_dir():
+        _fail(name, value, "no such directory (None uses the kit's shipped data)")
+
+
+def _n_entities(params) -> int:
+    return len(world_record(params.get("WORLD_DIR"))["entities"])
+
+
+def _entity_problem(value, params) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return "expected a whole number >= 0"
+    n = _n_entities(params)
+    return f"the world has {n} entities, numbered 0 to {n - 1}" if value >= n else None
+
+
+def _entity(name, value, params):
+    if problem := _entity_problem(value, params):
+        _fail(name, value, problem)
+
+
+def _entities(name, value, params):
+    if not isinstance(value, (list, tuple)) or not value:
+        _fail(name, value, "expected a non-empty list of entity numbers")
+    for v in value:
+        if problem := _entity_problem(v, params):
+            _fail(name, value, f"{v!r}: {problem}")
+
+
+def _item(name, value, params):
+    _count(0)(name, value, params)
+    n = len(load_benchmark("MCUB-4", "test", params.get("BENCH_DIR")))
+    if value >= n:
+        _fail(name, value, f"MCUB-4 has {n} test items, numbered 0 to {n - 1}")
+
+
+def _device(name, value, params):
+    _choice(("auto", "cpu", "cuda"))(name, value, params)
+    if value == "cuda" and not torch.cuda.is_available():
+        _fail(name, value, "this machine has no GPU that torch can use; write \"auto\" or \"cpu\"")
+
+
+def _optional_text(name, value, params):
+    if value is not None and not isinstance(value, str):
+        _fail(name, value, "expected a path as text, or None")
+
+
+#: Every notebook parameter and its check.
+RULES: dict[str, Callable] = {
+    "MODE": _choice(("auto", "smoke", "full")),
+    "SEED": _count(0),
+    "ENTITY": _entity,
+    "ENTITIES": _entities,
+    "MODALITY": _choice(tuple(MODALITIES)),
+    "MODALITIES": _subset(tuple(MODALITIES)),
+    "VARIANT": _choice(VARIANTS),
+    "MODALITY_VARIANT": _choice(REGIMES),
+    "REGIMES": _subset(REGIMES),
+    "ITEM": _item,
+    "DEVICE": _device,
+    "SPLITS": _subset(tuple(SPLITS), allow_none=True),
+    "RANK_ABLATION": _flag,
+    "N_FULL": _count(1, allow_none=True),
+    "WORLD_DIR": _directory,
+    "BENCH_DIR": _directory,
+    "EXPERTS_DIR": _directory,
+    "OUT": _optional_text,
+}
+#: Counts of items (positive whole numbers) that every ``N_*`` parameter not named above takes.
+_POSITIVE = _count(1)
+
+
+def check_parameters(**params) -> str:
+    """Check every notebook parameter given; raise :class:`ParameterError` (one line) at the first bad one.
+
+    Directories are checked before the values that need them (``ENTITY`` reads the world).
+    Returns "parameters ok" so the cell shows that it ran.
+    """
+    order = sorted(params, key=lambda n: not n.endswith("_DIR"))
+    for name in order:
+        rule = RULES.get(name, _POSITIVE if name.startswith("N_") else None)
+        if rule is None:
+            raise ParameterError(f"{name}: no check is known for this parameter (add it to "
+                                 "mckit.report.parameters.RULES)")
+        rule(name, params[name], params)
+    return "parameters ok"

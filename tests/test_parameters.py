@@ -1,0 +1,73 @@
+"""The notebooks' parameters are checked in the cell after the parameters cell, with one line a student can act on."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mckit.report.parameters import ParameterError, check_parameters
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+
+
+def _parameters(path: Path) -> tuple[dict, str]:
+    """(the parameters cell's values, the source of the cell after it)."""
+    cells = json.loads(path.read_text())["cells"]
+    i = next(i for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", []))
+    values = {}
+    for node in ast.parse("".join(cells[i]["source"])).body:
+        values[node.targets[0].id] = ast.literal_eval(node.value)
+    return values, "".join(cells[i + 1]["source"])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_notebook_checks_every_parameter_and_its_defaults_pass(path):
+    values, check_cell = _parameters(path)
+    call = next(n for n in ast.walk(ast.parse(check_cell)) if isinstance(n, ast.Call)
+                and getattr(n.func, "id", "") == "check_parameters")
+    assert sorted(k.arg for k in call.keywords) == sorted(values), path.name
+    assert check_parameters(**values) == "parameters ok"
+
+
+@pytest.mark.parametrize("name, value, fragment", [
+    ("ENTITY", 999, "the world has 32 entities, numbered 0 to 31"),
+    ("ENTITIES", [0, 40], "the world has 32 entities"),
+    ("ITEM", 100000, "MCUB-4 has 400 test items, numbered 0 to 399"),
+    ("ITEM", -1, "expected a whole number >= 0"),
+    ("MODE", "fast", "expected one of 'auto', 'smoke', 'full'"),
+    ("MODALITY", "smell", "expected one of 'image', 'audio', 'video', 'point'"),
+    ("MODALITIES", ["image", "smell"], "'smell' is not one of"),
+    ("MODALITIES", ["image", "image"], "each value may appear once"),
+    ("REGIMES", [], "expected a non-empty list"),
+    ("VARIANT", "merged", "expected one of 'stage1', 'frozen', 'lora', 'full'"),
+    ("N_SMOKE", 0, "expected a whole number >= 1"),
+    ("N_TEST_SMOKE", 2.5, "expected a whole number >= 1"),
+    ("N_FULL", -4, "expected a whole number >= 1 or None"),
+    ("SPLITS", ["MCUB-5"], "'MCUB-5' is not one of"),
+    ("SEED", -1, "expected a whole number >= 0"),
+    ("RANK_ABLATION", "yes", "expected True or False"),
+    ("WORLD_DIR", "/nowhere/world", "no such directory"),
+    ("OUT", 3, "expected a path as text, or None"),
+    ("DEVICE", "tpu", "expected one of 'auto', 'cpu', 'cuda'"),
+])
+def test_bad_parameter_is_one_line_naming_it(name, value, fragment):
+    with pytest.raises(ParameterError) as err:
+        check_parameters(**{name: value})
+    text = str(err.value)
+    assert text.startswith(f"{name} = {value!r}: ") and fragment in text and "\n" not in text, text
+    assert text.endswith("change it in the parameters cell")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_named():
+    with pytest.raises(ParameterError, match="this machine has no GPU"):
+        check_parameters(DEVICE="cuda")
+
+
+def test_an_unknown_parameter_is_named():
+    with pytest.raises(ParameterError, match="COLOUR: no check is known"):
+        check_parameters(COLOUR="red")
