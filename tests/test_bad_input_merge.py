@@ -21,7 +21,7 @@ import pytest
 from _merge_helpers import fine_tuned, save_checkpoint, tiny_base
 
 from mckit.merge import engine as E
-from mckit.storage.atomic import MARKER, atomic_dir, remove_stale_temporaries
+from mckit.storage.atomic import MARKER, atomic_dir, atomic_write_text, remove_stale_temporaries
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -246,3 +246,7 @@ def test_every_atomic_writer_removes_its_own_stale_temporaries(tmp_path):
         (tmp / "results.json").write_text("{}")
     assert not stale.exists() and (tmp_path / "report" / "results.json").is_file()
     assert remove_stale_temporaries(tmp_path / "report") == []
+    half_file = tmp_path / f".REPORT.md.tmp-{pid}-y2"
+    half_file.write_text("# half")
+    atomic_write_text(tmp_path / "REPORT.md", "# whole")
+    assert not half_file.exists() and (tmp_path / "REPORT.md").read_text() == "# whole"
