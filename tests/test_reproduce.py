@@ -38,3 +38,13 @@ def test_seed_section_reports_spread_and_gaps():
     text = "\n".join(reproduce.seed_section(rows))
     assert "| single:image | 0.400 | 0.500 | 0.100 |" in text
     assert "seed 0: +30.0, seed 1: +10.0" in text
+
+
+def test_binder_requirements_are_generated_from_the_kits():
+    from mckit.report.binder import SOURCE, TARGET, binder_requirements
+
+    assert TARGET.read_text() == binder_requirements(SOURCE.read_text()), \
+        "binder/requirements.txt is out of date: run `python -m mckit.report.binder`"
+    pins = {line.split("==")[0] for line in SOURCE.read_text().splitlines() if "==" in line}
+    assert pins == {line.split("==")[0] for line in TARGET.read_text().splitlines() if "==" in line}
+    assert "torch==2.13.0+cpu" in binder_requirements("torch==2.13.0\nnumpy==2.4.6\n")

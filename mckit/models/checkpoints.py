@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from mckit.models.lora import is_lora
+from mckit.models.lora import is_lora, quiet_peft
 from mckit.models.mllm import MLLM, Branch, toy_branch
 from mckit.storage.atomic import atomic_dir
 
@@ -200,7 +200,8 @@ def _load_checkpoint_llm(path: Path, entry: dict):
     llm = load_llm((path / entry["base"]).resolve())
     if entry["kind"] == "lora":
         check_safetensors(path / entry["path"] / "adapter_model.safetensors")
-        llm = PeftModel.from_pretrained(llm, str(path / entry["path"])).eval()
+        with quiet_peft():
+            llm = PeftModel.from_pretrained(llm, str(path / entry["path"])).eval()
     return llm
 
 

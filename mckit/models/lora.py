@@ -5,6 +5,8 @@ The one test of "is this LLM a LoRA model" in the kit is :func:`is_lora`.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Iterator
 
 from peft import PeftModel
@@ -46,3 +48,12 @@ def folded(llm: nn.Module) -> nn.Module:
     Consumes the peft wrapper: pass a copy to keep the original.
     """
     return llm.merge_and_unload() if is_lora(llm) else llm
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Silence one FutureWarning peft triggers in transformers 5 (``is_gradient_checkpointing`` is deprecated)
+    when it wraps a model: nothing a user of the kit can act on. Only that warning, only in this block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        yield

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with_warmup
 
 from mckit.models.batch import Batch
-from mckit.models.lora import is_lora, is_lora_parameter
+from mckit.models.lora import is_lora, is_lora_parameter, quiet_peft
 from mckit.models.mllm import MLLM, Branch
 from mckit.world.entities import World
 from mckit.world.tasks import Example, chat, sample
@@ -157,7 +157,8 @@ def add_lora(model: MLLM, rank: int = 32, alpha: int | None = None, dropout: flo
     """Wrap the LLM with peft LoRA on all seven linears (paper: r=128, alpha=256, dropout 0.05)."""
     config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout, target_modules=list(LINEARS),
                         bias="none")
-    model.llm = get_peft_model(model.llm, config)
+    with quiet_peft():
+        model.llm = get_peft_model(model.llm, config)
 
 
 def llm_trainable(model: MLLM, mode: str) -> list[torch.nn.Parameter]:
