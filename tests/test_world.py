@@ -71,3 +71,4 @@ def test_tokenizer_covers_every_task_word(world, tokenizer):
     unk = tokenizer.unk_token_id
     for word in corpus_words(world):
         assert tokenizer.convert_tokens_to_ids(word) != unk, word
+

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import os
 import resource
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,8 +27,31 @@ def ask(model: MLLM, world: World, modality: str, entity: str, question: str, le
             "entity": world.by_name(entity).attrs | {"name": entity, "level": level}}
 
 
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may really use: its affinity, capped by a container's CPU quota (cgroup v2 or v1).
+
+    On Binder the host may have 16+ cores and the container a quota of 1: torch's default
+    (the host's core count) then runs many threads that wait for one another.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    for quota_file, period_file in ((cgroup / "cpu.max", None),
+                                    (cgroup / "cpu" / "cpu.cfs_quota_us", cgroup / "cpu" / "cpu.cfs_period_us")):
+        try:
+            fields = quota_file.read_text().split()
+            quota, period = fields[0], (fields[1] if period_file is None else period_file.read_text().strip())
+        except (OSError, IndexError):
+            continue
+        if quota not in ("max", "-1"):
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    return max(1, cpus)
+
+
 def resolve_mode(mode: str) -> str:
-    """Notebook ``MODE``: "auto" means "full" on a GPU and "smoke" (toy scale) on a CPU."""
+    """Notebook ``MODE``: "auto" means "full" on a GPU and "smoke" (toy scale) on a CPU.
+
+    Also sets torch's CPU threads to :func:`usable_cpus` (a container's quota, not the host's cores).
+    """
+    torch.set_num_threads(usable_cpus())
     if mode not in ("auto", "smoke", "full"):
         raise ValueError(f"MODE must be 'auto', 'smoke' or 'full', got {mode!r}")
     if mode == "auto":
