@@ -51,13 +51,12 @@ def prepare_out(out: Path, overwrite: bool, inputs: Sequence[Path]) -> None:
 
 def check_distinct(base: Path, experts: Sequence[Path]) -> None:
     """Refuse the base given as an expert, or one expert given twice (a silent no-op or double weight)."""
-    seen: dict[Path, Path] = {Path(base).resolve(): Path(base)}
+    seen: dict[Path, str] = {Path(base).resolve(): "the base"}
     for path in experts:
         key = Path(path).resolve()
         if key in seen:
-            what = "the base" if seen[key] == Path(base) and key == Path(base).resolve() else f"expert {seen[key]}"
-            raise MergeError(f"expert {path} is the same checkpoint as {what}; give each checkpoint once")
-        seen[key] = Path(path)
+            raise MergeError(f"expert {path} is the same checkpoint as {seen[key]}; give each checkpoint once")
+        seen[key] = f"expert {path}"
 
 
 def merged_names(names: Sequence[str], include: str) -> list[str]:
