@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: reproduce test world seeds experts mcub
+.PHONY: reproduce test lab world seeds experts mcub
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ reproduce: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+# JupyterLab on the notebooks, from the same self-bootstrapping .venv.
+lab: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m jupyter lab notebooks
 
 # Rebuild the toy world's trained checkpoints under data/world (about 26 min on 2 cores).
 world: $(STAMP)
