@@ -25,7 +25,7 @@ INJECTED = {
 
 
 def _env():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "MCKIT_HEADLESS": "1"}
 
 
 def test_notebooks_are_stripped_and_parameterised():
@@ -52,8 +52,10 @@ def test_notebook_runs_under_nbval(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_under_papermill_with_parameters(path, tmp_path):
+def test_notebook_runs_under_papermill_with_parameters(path, tmp_path, monkeypatch):
     import papermill
+
+    monkeypatch.setenv("MCKIT_HEADLESS", "1")
 
     out = tmp_path / path.name
     papermill.execute_notebook(str(path), str(out), parameters=INJECTED[path.stem], cwd=str(path.parent),

@@ -9,6 +9,7 @@ written atomically: a failed run leaves the previous ``DIR`` untouched.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -39,6 +40,9 @@ def run_notebooks(out: Path, mode: str, parts: Path) -> dict[str, float]:
     """
     import papermill
 
+    from mckit.report.explore import HEADLESS_ENV
+
+    os.environ[HEADLESS_ENV] = "1"          # the kernels inherit it: explorers draw one static figure
     seconds = {}
     for nb in tqdm(notebooks(), desc="notebooks"):
         start = time.perf_counter()
