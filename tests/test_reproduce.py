@@ -45,6 +45,6 @@ def test_binder_requirements_are_generated_from_the_kits():
 
     assert TARGET.read_text() == binder_requirements(SOURCE.read_text()), \
         "binder/requirements.txt is out of date: run `python -m mckit.report.binder`"
-    pins = {line.split("==")[0] for line in SOURCE.read_text().splitlines() if "==" in line}
+    pins = {line.split("==")[0] for line in SOURCE.read_text().splitlines() if "==" in line} - {"playwright"}
     assert pins == {line.split("==")[0] for line in TARGET.read_text().splitlines() if "==" in line}
     assert "torch==2.13.0+cpu" in binder_requirements("torch==2.13.0\nnumpy==2.4.6\n")

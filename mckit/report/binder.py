@@ -15,15 +15,18 @@ from mckit.storage.paths import REPO_ROOT
 SOURCE = REPO_ROOT / "requirements.txt"
 TARGET = REPO_ROOT / "binder" / "requirements.txt"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+#: Needed only by the test suite's browser test, not by anyone running the notebooks on Binder.
+TEST_ONLY = ("playwright",)
 HEADER = ("# Generated from ../requirements.txt by `python -m mckit.report.binder`; do not edit by hand.\n"
           "# Binder: CPU-only torch from the PyTorch CPU index, the rest as pinned in ../requirements.txt.\n")
 
 
 def binder_requirements(requirements: str) -> str:
-    """The Binder requirements for the text of ``requirements.txt``: torch pinned to its ``+cpu`` build."""
+    """The Binder requirements for the text of ``requirements.txt``: torch pinned to its ``+cpu`` build,
+    the browser-test driver left out."""
     lines = [HEADER + f"--extra-index-url {CPU_INDEX}"]
     for line in requirements.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
+        if not line.strip() or line.lstrip().startswith("#") or line.split("==")[0].strip() in TEST_ONLY:
             continue
         lines.append(re.sub(r"^torch==([^+\s]+)$", r"torch==\1+cpu", line.strip()))
     return "\n".join(lines) + "\n"

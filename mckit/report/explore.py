@@ -78,16 +78,17 @@ def plot_item_answers(models: dict[str, MLLM], item: MCUBItem) -> plt.Figure:
     """An MCUB item's inputs, its question, and every system's answers (generated, letter, option score)."""
     media = item_media(item)
     pairs = [(m, x) for m, xs in media.items() for x in xs]
-    fig = plt.figure(figsize=(max(8, 2.6 * len(pairs)), 5.2))
+    fig = plt.figure(figsize=(max(8, 2.6 * len(pairs)), 4.2))
     for i, (mod, x) in enumerate(pairs):
-        ax = fig.add_subplot(2, len(pairs), i + 1, **({"projection": "3d"} if mod == "point" else {}))
+        ax = fig.add_subplot(1, len(pairs), i + 1, **({"projection": "3d"} if mod == "point" else {}))
         draw_input(ax, mod, x, mod)
+    fig.subplots_adjust(top=0.92, bottom=0.42)
     rows = [f"{name:<16} generated {a['generated']!r:<16} letter {a['letter']:<2} option score {a['option_score']}"
             for name, a in ((n, answer_item(m, item)) for n, m in models.items())]
     question = item.prompt.split("?")[0].split(" . ")[-1] + "?"
-    text = "\n".join([textwrap.shorten(question, 110), *textwrap.wrap(" ".join(item.options), 110),
-                      f"gold: {item.answer}", "", *rows])
-    fig.text(0.02, 0.02, text, family="monospace", fontsize=8, va="bottom")
+    options = " ".join(f"({letter}) {text}" for letter, text in zip("ABCDEFGH", item.options))
+    lines = [textwrap.shorten(question, 110), *textwrap.wrap(options, 110), f"gold: {item.answer}", "", *rows]
+    fig.text(0.02, 0.37, "\n".join(lines), family="monospace", fontsize=8, va="top")
     return fig
 
 
