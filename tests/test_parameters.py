@@ -71,3 +71,11 @@ def test_cuda_without_a_gpu_is_named():
 def test_an_unknown_parameter_is_named():
     with pytest.raises(ParameterError, match="COLOUR: no check is known"):
         check_parameters(COLOUR="red")
+
+
+def test_a_notebook_outside_the_repository_is_told_so(monkeypatch, tmp_path):
+    from mckit.report import parameters
+
+    monkeypatch.setattr(parameters, "DATA_DIR", tmp_path / "data")
+    with pytest.raises(ParameterError, match=r"WORLD_DIR = None: the kit's shipped .*world is missing: open the notebook"):
+        check_parameters(MODE="auto", WORLD_DIR=None, ENTITY=3)

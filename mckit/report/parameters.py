@@ -15,6 +15,7 @@ import torch
 
 from mckit.eval.mcub import SPLITS, load_benchmark
 from mckit.models.shipped import REGIMES, VARIANTS, world_record
+from mckit.storage.paths import DATA_DIR
 from mckit.world.entities import MODALITIES
 
 
@@ -60,9 +61,16 @@ def _flag(name, value, params):
         _fail(name, value, "expected True or False")
 
 
+#: The shipped folder each ``*_DIR`` parameter defaults to (None).
+SHIPPED = {"WORLD_DIR": "world", "BENCH_DIR": "mcub", "EXPERTS_DIR": "experts"}
+
+
 def _directory(name, value, params):
     if value is not None and not Path(value).is_dir():
         _fail(name, value, "no such directory (None uses the kit's shipped data)")
+    if value is None and not (DATA_DIR / SHIPPED[name]).is_dir():
+        _fail(name, value, f"the kit's shipped {DATA_DIR / SHIPPED[name]} is missing: open the notebook from a clone "
+                           "of the repository (its data/ folder), or give a directory")
 
 
 def _n_entities(params) -> int:
