@@ -77,5 +77,6 @@ def test_a_notebook_outside_the_repository_is_told_so(monkeypatch, tmp_path):
     from mckit.report import parameters
 
     monkeypatch.setattr(parameters, "DATA_DIR", tmp_path / "data")
-    with pytest.raises(ParameterError, match=r"WORLD_DIR = None: the kit's shipped .*world is missing: open the notebook"):
+    message = r"WORLD_DIR = None: the kit's shipped .*world is missing: open the notebook"
+    with pytest.raises(ParameterError, match=message):
         check_parameters(MODE="auto", WORLD_DIR=None, ENTITY=3)
