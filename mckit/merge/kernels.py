@@ -20,6 +20,9 @@ from mckit.merge import methods
 from mckit.merge.registry import get, tensor_seed
 from mckit.merge.thresholds import kth_largest, streamed_magnitude_threshold
 
+#: Methods whose merge runs through :func:`ties_inplace` (and accept global thresholds).
+TIES_FAMILY = ("ties", "dare_ties")
+
 
 def _map_experts(fn: Callable, taus: Sequence[Tensor], *others: Sequence) -> list:
     """``[fn(tau_i, *others_i)]``, on a thread per CPU core for large tensors.
@@ -89,7 +92,7 @@ def merge_tensor(method: str, name: str, theta_0: Tensor, thetas: Sequence[Tenso
     kwargs = spec.resolve(options or {})
     if spec.seeded:
         kwargs["seed"] = tensor_seed(kwargs["seed"], name)
-    if method not in ("ties", "dare_ties"):
+    if method not in TIES_FAMILY:
         if thresholds is not None:
             raise ValueError(f"thresholds apply to ties and dare_ties, not {method}")
         return spec.fn(theta_0, thetas, **kwargs)
