@@ -1,4 +1,4 @@
-"""Command line: ``python -m mckit {build-world,build-seeds,build-mcub,build-experts,reproduce,merge} ...``.
+"""Command line: ``python -m mckit {build-world,build-seeds,build-mcub,build-experts,build-cache,reproduce,merge} ...``.
 
 Each subcommand lives in a module that exposes a function (``add_parser`` unless
 named after a colon) registering the subcommand with ``func=`` set to the
@@ -14,7 +14,8 @@ import importlib
 import sys
 
 SUBCOMMANDS = {"build-world": "mckit.build.world", "build-seeds": "mckit.build.world:add_replicas_parser",
-               "build-mcub": "mckit.eval.mcub", "build-experts": "mckit.build.experts", "reproduce": "mckit.report.reproduce",
+               "build-mcub": "mckit.eval.mcub", "build-experts": "mckit.build.experts",
+               "build-cache": "mckit.build.cache", "reproduce": "mckit.report.reproduce",
                "merge": "mckit.merge.cli"}
 
 

@@ -2,7 +2,9 @@ import os
 
 import numpy as np
 import pytest
-import torch
+
+import mckit  # noqa: F401  (before torch: sets the OpenMP wait policy the notebooks run with)
+import torch  # noqa: I001
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,4 +1,8 @@
-"""Helpers the notebooks call: how many threads torch may use."""
+"""Helpers the notebooks call: how many threads torch may use, and how they wait."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -53,3 +57,12 @@ def test_explorers_draw_one_figure_headless_and_redraw_when_a_control_moves(monk
     slider.children[0].value = 2
     assert slider.children[0].max == 2 and isinstance(drawn[-1], plt.Figure)
     plt.close("all")
+
+
+def test_importing_mckit_before_torch_makes_openmp_threads_sleep_unless_told_otherwise():
+    code = "import mckit, os, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    told = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                          capture_output=True, text=True, check=True)
+    assert (default.stdout.strip(), told.stdout.strip()) == ("PASSIVE", "ACTIVE")

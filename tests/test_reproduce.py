@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from mckit.report import reproduce
 
 
@@ -10,25 +12,46 @@ def test_write_part_is_collected_into_results(tmp_path):
     path = reproduce.write_part(parts, "mcub", {"retention": {"naivemc": 0.5}})
     assert path == parts / "mcub.json" and json.loads(path.read_text()) == {"retention": {"naivemc": 0.5}}
     assert [p.name for p in parts.iterdir()] == ["mcub.json"]  # no temporary file left behind
-    results = reproduce.collect("smoke", {"06_mcub": 1.0}, parts)
+    results = reproduce.collect("smoke", {"06_mcub": {"smoke": {"seconds": 1.0, "peak_mib": 300}}}, parts)
     assert results["retention"] == {"naivemc": 0.5} and results["mode"] == "smoke"
     assert reproduce.write_part(None, "mcub", {}) is None
 
 
-def test_notebooks_get_an_absolute_out(tmp_path, monkeypatch):
-    """Notebooks run with notebooks/ as working directory: a relative OUT would write beside them."""
-    import papermill
+def test_notebooks_get_an_absolute_out_on_their_last_run(tmp_path, monkeypatch):
+    """Notebooks run with notebooks/ as working directory: a relative OUT would write beside them. A full
+    reproduce runs each notebook's default (CPU) run first, only measured, then the full run that writes."""
+    seen = []
 
-    seen = {}
+    def fake_run(src, dst, parameters):
+        seen.append((src.name, dst, parameters))
+        return {"seconds": 1.0, "peak_mib": 100}
 
-    def fake_execute(src, dst, parameters, **kwargs):
-        seen[src] = parameters
+    monkeypatch.setattr(reproduce, "run_notebook", fake_run)
+    runs = reproduce.run_notebooks(tmp_path, "full", "relative/parts")
+    mcub = [(dst, p) for name, dst, p in seen if name == "06_mcub.ipynb"]
+    assert [p["MODE"] for _, p in mcub] == ["smoke", "full"]
+    assert "OUT" not in mcub[0][1]
+    assert mcub[1][1]["OUT"].startswith("/") and mcub[1][1]["OUT"].endswith("relative/parts")
+    assert mcub[1][0] == tmp_path / "06_mcub.ipynb" and mcub[0][0].parent != tmp_path  # only the last run is kept
+    assert set(runs["06_mcub"]) == {"smoke", "full"}
+    table = "\n".join(reproduce.notebook_section(runs))
+    assert "| [06_mcub](notebooks/06_mcub.ipynb) | 1 | 100 | 1 | 100 |" in table
 
-    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
-    reproduce.run_notebooks(tmp_path, "smoke", "relative/parts")
-    mcub = next(p for s, p in seen.items() if s.endswith("06_mcub.ipynb"))
-    assert mcub["OUT"].startswith("/") and mcub["OUT"].endswith("relative/parts")
-    assert all(p["MODE"] == "smoke" for p in seen.values())
+
+def test_run_notebook_measures_time_and_memory_and_reports_failure(tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("N = 1", metadata={"tags": ["parameters"]}),
+                                         nbformat.v4.new_code_cell("assert N < 9, 'too big'\nimport numpy as np\n"
+                                                                   "x = np.ones(N * 2**24)")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    src = tmp_path / "nb.ipynb"
+    src.write_text(nbformat.writes(nb))
+    small = reproduce.run_notebook(src, tmp_path / "small.ipynb", {"N": 1})
+    big = reproduce.run_notebook(src, tmp_path / "big.ipynb", {"N": 4})
+    assert small["seconds"] > 0 and big["peak_mib"] - small["peak_mib"] > 250  # 4 x 128 MiB against 128 MiB, sampled
+    with pytest.raises(RuntimeError, match="(?s)nb.ipynb failed.*too big"):
+        reproduce.run_notebook(src, tmp_path / "bad.ipynb", {"N": 9})
 
 
 def test_seed_section_reports_spread_and_gaps():

@@ -161,6 +161,22 @@ def run_mcub(systems: Systems, n: int | None = None, splits: Iterable[str] = SPL
     return out
 
 
+def mcub_results(variant: str = "lora", n: int | None = None, splits: Iterable[str] = SPLITS,
+                 world_dir: str | Path | None = None, bench_dir: str | Path | None = None,
+                 device: str = "cpu") -> dict[str, dict[str, dict[str, dict]]]:
+    """:func:`run_mcub` over fresh :class:`Systems` of ``variant``: the whole table from parameters alone."""
+    return run_mcub(Systems(variant, world_dir, device), n, splits, bench_dir)
+
+
+def system_result(systems: Systems, name: str, split: str, n: int | None = None,
+                  protocols: tuple[str, ...] = (LETTER, OPTION_SCORE),
+                  bench_dir: str | Path | None = None) -> dict[str, dict]:
+    """One system (no lambda to choose) on the first ``n`` test items of ``split``: ``{protocol: result}``."""
+    model = systems.build(name, SPLITS[split])
+    test = load_benchmark(split, "test", bench_dir)[:n]
+    return {p: evaluate_items(model, test, p) for p in protocols}
+
+
 def mcub_frame(results: dict[str, dict[str, dict[str, dict]]]) -> pd.DataFrame:
     """Long table: protocol, split, system, acc, ci_low, ci_high, n."""
     rows = [{"protocol": p, "split": s, "system": name, "acc": r["acc"], "ci_low": r["ci95"][0],

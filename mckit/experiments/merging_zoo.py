@@ -118,6 +118,18 @@ def _merged_row(base: MLLM, deltas: dict[str, torch.Tensor], fixed: bool, val_sc
             "test": test_result(scaled_model(base, deltas, lam))}
 
 
+def method_row(regime: str, method: str, n_val: int = 40, n_test: int = 200, experts_dir: str | Path | None = None,
+               world_dir: str | Path | None = None) -> dict:
+    """One method's row of :func:`capability_table`, computed alone (lambda on validation, then test)."""
+    val, test, base, _, taus = _capability_setup(regime, n_val, n_test, experts_dir, world_dir)
+    return _capability_row(base, direction(taus, base.llm, method, regime), not get(method).has_lam, val, test)
+
+
+def row_results(row: dict) -> dict:
+    """A capability row's chosen lambda and its test results, flat: ``{"lambda": lam, "test {task}": result}``."""
+    return {"lambda": row.get("lam"), **{f"test {t}": r for t, r in row["test"].items()}}
+
+
 def rank_ablation(regime: str = "full", ratios: Iterable[float] = RANK_RATIOS, n_val: int = 40, n_test: int = 200,
                   experts_dir: str | Path | None = None, world_dir: str | Path | None = None) -> dict[str, dict]:
     """OptMerge with k = ratio * min(m, d) instead of min(m, d) // n: ``{ratio: row}`` (lambda on validation)."""

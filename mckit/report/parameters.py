@@ -131,6 +131,7 @@ RULES: dict[str, Callable] = {
     "SPLITS": _subset(tuple(SPLITS), allow_none=True),
     "RANK_ABLATION": _flag,
     "N_FULL": _count(1, allow_none=True),
+    "N_MODALITY_FULL": _count(1, allow_none=True),
     "WORLD_DIR": _directory,
     "BENCH_DIR": _directory,
     "EXPERTS_DIR": _directory,

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from mckit.models.shipped import accuracy_table, world_record
+from mckit.report.notebook import usable_cpus
 from mckit.storage.atomic import atomic_dir, atomic_write_text
 from mckit.storage.paths import NOTEBOOKS_DIR
 
@@ -31,26 +35,89 @@ def _declares(nb: Path, name: str) -> bool:
     return any(line.startswith(f"{name} =") for c in params for line in "".join(c["source"]).splitlines())
 
 
-def run_notebooks(out: Path, mode: str, parts: Path) -> dict[str, float]:
-    """Execute every notebook with papermill into ``out``; returns wall seconds per notebook.
+def high_water_mib(pid: int) -> float:
+    """Peak resident memory of a live process so far (Linux ``VmHWM``; elsewhere its current RSS), in MiB."""
+    import psutil
 
-    Notebooks that declare an ``OUT`` parameter get the absolute path of ``parts`` and
-    write their numbers there with :func:`write_part` (they run with the notebooks
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def _tree_peak(proc) -> float:
+    """The largest :func:`high_water_mib` among ``proc`` and its descendants (0 for those already gone)."""
+    import psutil
+
+    peak = 0.0
+    try:
+        tree = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return peak
+    for p in tree:
+        try:
+            peak = max(peak, high_water_mib(p.pid))
+        except (psutil.Error, ValueError):
+            continue
+    return peak
+
+
+def run_notebook(src: Path, dst: Path, parameters: dict, poll_s: float = 0.1) -> dict[str, float]:
+    """Execute one notebook with papermill in a child process; its wall seconds and peak memory.
+
+    ``peak_mib`` is the largest resident high-water mark among the child and its descendants
+    (the notebook's kernel), read every ``poll_s``: what a 2 GB Binder container must hold.
+    A failing notebook raises with the tail of papermill's log.
+    """
+    import psutil
+
+    cmd = [sys.executable, "-m", "papermill", str(src), str(dst), "--cwd", str(src.parent), "-k", "python3",
+           "--no-progress-bar", "-y", json.dumps(parameters)]
+    with tempfile.TemporaryFile("w+") as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        watched, peak = psutil.Process(proc.pid), 0.0
+        while proc.poll() is None:
+            peak = max(peak, _tree_peak(watched))
+            time.sleep(poll_s)
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            log.seek(0)
+            text = log.read()
+            cause = text[text.find("PapermillExecutionError"):] if "PapermillExecutionError" in text else text
+            raise RuntimeError(f"{src.name} failed under papermill ({parameters}):\n{cause[-3000:]}")
+    return {"seconds": round(seconds, 1), "peak_mib": round(peak)}
+
+
+#: The runs :func:`run_notebooks` measures per reproduce mode: the default run a student gets on a CPU
+#: (``MODE = "auto"`` there means "smoke"), then, in full mode, the full run whose numbers are collected.
+RUNS = {"smoke": ("smoke",), "full": ("smoke", "full")}
+
+
+def run_notebooks(out: Path, mode: str, parts: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Execute every notebook into ``out``; returns ``{notebook: {run: {"seconds", "peak_mib"}}}``.
+
+    Each notebook runs once per :data:`RUNS` of ``mode``; the executed copy of the last run is
+    kept. Notebooks that declare an ``OUT`` parameter get the absolute path of ``parts`` on that
+    last run and write their numbers there with :func:`write_part` (they run with the notebooks
     folder as working directory, so a relative path would land in the wrong place).
     """
-    import papermill
-
     from mckit.report.explore import HEADLESS_ENV
 
     os.environ[HEADLESS_ENV] = "1"          # the kernels inherit it: explorers draw one static figure
-    seconds = {}
-    for nb in tqdm(notebooks(), desc="notebooks"):
-        start = time.perf_counter()
-        params = {"MODE": mode, **({"OUT": str(Path(parts).resolve())} if _declares(nb, "OUT") else {})}
-        papermill.execute_notebook(str(nb), str(out / nb.name), parameters=params, cwd=str(nb.parent),
-                                   kernel_name="python3", progress_bar=False)
-        seconds[nb.stem] = round(time.perf_counter() - start, 1)
-    return seconds
+    runs = RUNS[mode]
+    measured: dict[str, dict[str, dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for nb in tqdm(notebooks(), desc="notebooks"):
+            for run in runs:
+                last = run == runs[-1]
+                params = {"MODE": run, **({"OUT": str(Path(parts).resolve())} if last and _declares(nb, "OUT") else {})}
+                dst = out / nb.name if last else Path(scratch) / nb.name
+                measured.setdefault(nb.stem, {})[run] = run_notebook(nb, dst, params)
+    return measured
 
 
 def write_part(parts: str | Path | None, name: str, obj: dict) -> Path | None:
@@ -78,13 +145,13 @@ def world_models(record: dict) -> dict:
     return out
 
 
-def collect(mode: str, seconds: dict[str, float], parts: Path) -> dict:
+def collect(mode: str, runs: dict[str, dict[str, dict[str, float]]], parts: Path) -> dict:
     """results.json: what the notebooks wrote under ``parts`` plus the world's build record."""
     record = world_record()
     results = {"mode": mode, "seeds": [record["seed"]]}
     for part in sorted(parts.glob("*.json")):
         results.update(json.loads(part.read_text()))
-    results.update({"world_models": world_models(record), "paper": PAPER, "notebook_seconds": seconds,
+    results.update({"world_models": world_models(record), "paper": PAPER, "notebook_runs": runs,
                     "world_build_seconds": record["seconds"]})
     return results
 
@@ -201,10 +268,24 @@ def report(results: dict) -> str:
             for task, r in tasks.items():
                 lines.append(f"| {mod} | {variant} | {task} | {r['acc']:.3f} | {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}"
                              f" | {r['n']} | {r['chance']:.3f} |")
-    lines += ["", "## Executed notebooks", ""]
-    lines += [f"- [{name}](notebooks/{name}.ipynb): {s:.0f} s" for name, s in results["notebook_seconds"].items()]
-    lines += ["", f"Total: {sum(results['notebook_seconds'].values()):.0f} s."]
+    lines += notebook_section(results["notebook_runs"])
     return "\n".join(lines) + "\n"
+
+
+def notebook_section(runs: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """REPORT.md: wall time and peak memory of every notebook's default run (and full run), with totals."""
+    kinds = list(dict.fromkeys(k for by_run in runs.values() for k in by_run))
+    label = {"smoke": "default run (CPU)", "full": "full run"}
+    lines = ["", "## Executed notebooks", "",
+             f"Wall time and peak resident memory of the notebook's kernel, {usable_cpus()} CPU(s) usable. The "
+             "default run is what a student gets on a CPU (`MODE = \"auto\"`).", "",
+             "| notebook | " + " | ".join(f"{label[k]}: s | {label[k]}: peak MiB" for k in kinds) + " |",
+             "|---" * (1 + 2 * len(kinds)) + "|"]
+    for name, by_run in runs.items():
+        cells = [f"{by_run[k]['seconds']:.0f} | {by_run[k]['peak_mib']:.0f}" if k in by_run else " | " for k in kinds]
+        lines.append(f"| [{name}](notebooks/{name}.ipynb) | " + " | ".join(cells) + " |")
+    totals = " | ".join(f"{sum(r[k]['seconds'] for r in runs.values() if k in r):.0f} | " for k in kinds)
+    return lines + [f"| total | {totals}|"]
 
 
 def reproduce(out: str | Path, mode: str = "full", overwrite: bool = True) -> dict:
