@@ -2,13 +2,13 @@ import os
 
 import numpy as np
 import pytest
-
-import mckit  # noqa: F401  (before torch: sets the OpenMP wait policy the notebooks run with)
-import torch  # noqa: I001
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+from mckit.report.notebook import usable_cpus  # noqa: E402
+
+torch.set_num_threads(min(2, usable_cpus()))   # one fewer when another process keeps a core busy
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -24,7 +25,38 @@ def test_threads_follow_the_containers_cpu_quota(tmp_path, files, expected):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     affinity = len(os.sched_getaffinity(0))
-    assert usable_cpus(tmp_path) == (min(affinity, expected) if expected else affinity)
+    no_stat = tmp_path / "no-proc-stat"                      # leave the machine's load out of this test
+    assert usable_cpus(tmp_path, no_stat) == (min(affinity, expected) if expected else affinity)
+
+
+def test_idle_cpus_from_two_readings_of_proc_stat(tmp_path):
+    from mckit.report.notebook import cpu_times, idle_cpus
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  300 0 100 1500 100 0 0 0 0 0\n"
+                    "cpu0 200 0 50 700 50 0 0 0 0 0\ncpu1 100 0 50 800 50 0 0 0 0 0\nintr 1 2 3\n")
+    before = cpu_times(stat)
+    assert before == {0: (250, 1000), 1: (150, 1000)}
+    after = {0: (350, 1100), 1: (160, 1100)}                  # cpu0 fully busy, cpu1 90% idle
+    assert idle_cpus(before, after, {0, 1}) == pytest.approx(0.9)
+    assert idle_cpus(before, after, {0}) == 0 and idle_cpus(before, before, {0, 1}) is None
+    assert cpu_times(tmp_path / "missing") == {}
+
+
+def test_a_busy_core_leaves_torch_one_thread_fewer(tmp_path):
+    from mckit.report.notebook import usable_cpus
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) != 2:
+        pytest.skip("needs exactly two CPUs")
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(busy.pid, {cpus[0]})
+        time.sleep(0.5)
+        assert usable_cpus(tmp_path, interval=0.5) == 1
+    finally:
+        busy.kill()
+        busy.wait()
 
 
 def test_explorers_draw_one_figure_headless_and_redraw_when_a_control_moves(monkeypatch):
@@ -58,11 +90,3 @@ def test_explorers_draw_one_figure_headless_and_redraw_when_a_control_moves(monk
     assert slider.children[0].max == 2 and isinstance(drawn[-1], plt.Figure)
     plt.close("all")
 
-
-def test_importing_mckit_before_torch_makes_openmp_threads_sleep_unless_told_otherwise():
-    code = "import mckit, os, torch; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    told = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
-                          capture_output=True, text=True, check=True)
-    assert (default.stdout.strip(), told.stdout.strip()) == ("PASSIVE", "ACTIVE")

@@ -56,7 +56,8 @@ def test_run_notebook_measures_time_and_memory_and_reports_failure(tmp_path):
 
 def test_seed_section_reports_spread_and_gaps():
     rows = [{"seed": s, "system": name, "acc": acc, "ci_low": 0, "ci_high": 1, "n": 10}
-            for s, accs in {0: (0.4, 0.7), 1: (0.5, 0.6)}.items() for name, acc in zip(("single:image", "naivemc"), accs)]
+            for s, accs in {0: (0.4, 0.7), 1: (0.5, 0.6)}.items()
+            for name, acc in zip(("single:image", "naivemc"), accs)]
     rows[1]["gap_points"], rows[3]["gap_points"] = 30.0, 10.0
     text = "\n".join(reproduce.seed_section(rows))
     assert "| single:image | 0.400 | 0.500 | 0.100 |" in text

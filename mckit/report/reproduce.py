@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
@@ -22,6 +23,9 @@ from mckit.models.shipped import accuracy_table, world_record
 from mckit.report.notebook import usable_cpus
 from mckit.storage.atomic import atomic_dir, atomic_write_text
 from mckit.storage.paths import NOTEBOOKS_DIR
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def notebooks() -> list[Path]:
@@ -268,17 +272,17 @@ def report(results: dict) -> str:
             for task, r in tasks.items():
                 lines.append(f"| {mod} | {variant} | {task} | {r['acc']:.3f} | {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}"
                              f" | {r['n']} | {r['chance']:.3f} |")
-    lines += notebook_section(results["notebook_runs"])
+    lines += notebook_section(results["notebook_runs"], results.get("cpus"))
     return "\n".join(lines) + "\n"
 
 
-def notebook_section(runs: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+def notebook_section(runs: dict[str, dict[str, dict[str, float]]], cpus: int | None = None) -> list[str]:
     """REPORT.md: wall time and peak memory of every notebook's default run (and full run), with totals."""
     kinds = list(dict.fromkeys(k for by_run in runs.values() for k in by_run))
     label = {"smoke": "default run (CPU)", "full": "full run"}
     lines = ["", "## Executed notebooks", "",
-             f"Wall time and peak resident memory of the notebook's kernel, {usable_cpus()} CPU(s) usable. The "
-             "default run is what a student gets on a CPU (`MODE = \"auto\"`).", "",
+             f"Wall time and peak resident memory of the notebook's kernel ({cpus or '?'} CPU(s) usable when the "
+             "run started). The default run is what a student gets on a CPU (`MODE = \"auto\"`).", "",
              "| notebook | " + " | ".join(f"{label[k]}: s | {label[k]}: peak MiB" for k in kinds) + " |",
              "|---" * (1 + 2 * len(kinds)) + "|"]
     for name, by_run in runs.items():
@@ -292,7 +296,8 @@ def reproduce(out: str | Path, mode: str = "full", overwrite: bool = True) -> di
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
         (tmp / "notebooks").mkdir()
         parts = tmp / "parts"
-        results = collect(mode, run_notebooks(tmp / "notebooks", mode, parts), parts)
+        cpus = usable_cpus()
+        results = collect(mode, run_notebooks(tmp / "notebooks", mode, parts), parts) | {"cpus": cpus}
         (tmp / "results.json").write_text(json.dumps(results, indent=2))
         (tmp / "REPORT.md").write_text(report(results))
     return results
