@@ -6,9 +6,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-from mckit.report.notebook import usable_cpus  # noqa: E402
-
-torch.set_num_threads(min(2, usable_cpus()))   # one fewer when another process keeps a core busy
+# One thread: the tests' models are tiny, and two threads wait for each other whenever another process takes a
+# core mid-run (with a job started on one of two cores after pytest, test_merge_bench took 15 min instead of 20 s).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
