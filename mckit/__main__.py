@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         module, _, register = spec.partition(":")
         getattr(importlib.import_module(module), register or "add_parser")(sub)
     args = parser.parse_args(argv)
+    if "torch" in sys.modules:                      # the command trains or evaluates: threads that fit the CPU
+        from mckit.storage.cpus import usable_cpus
+
+        sys.modules["torch"].set_num_threads(usable_cpus())
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError) as err:           # bad input (a file, an option, an existing output)

@@ -19,7 +19,7 @@ import pytest
 def test_threads_follow_the_containers_cpu_quota(tmp_path, files, expected):
     import os
 
-    from mckit.report.notebook import usable_cpus
+    from mckit.storage.cpus import usable_cpus
 
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -30,7 +30,7 @@ def test_threads_follow_the_containers_cpu_quota(tmp_path, files, expected):
 
 
 def test_idle_cpus_from_two_readings_of_proc_stat(tmp_path):
-    from mckit.report.notebook import cpu_times, idle_cpus
+    from mckit.storage.cpus import cpu_times, idle_cpus
 
     stat = tmp_path / "stat"
     stat.write_text("cpu  300 0 100 1500 100 0 0 0 0 0\n"
@@ -44,7 +44,7 @@ def test_idle_cpus_from_two_readings_of_proc_stat(tmp_path):
 
 
 def test_a_busy_core_leaves_torch_one_thread_fewer(tmp_path):
-    from mckit.report.notebook import usable_cpus
+    from mckit.storage.cpus import usable_cpus
 
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) != 2:
@@ -90,3 +90,30 @@ def test_explorers_draw_one_figure_headless_and_redraw_when_a_control_moves(monk
     assert slider.children[0].max == 2 and isinstance(drawn[-1], plt.Figure)
     plt.close("all")
 
+
+
+def test_lambda_explorer_selects_precomputed_accuracies_and_redraws(monkeypatch):
+    """The slider only selects: the right panel's bars are the stored accuracies at the chosen lambda."""
+    import IPython.display
+    import matplotlib.pyplot as plt
+
+    from mckit.report import explore
+
+    tasks = {"vqa": 0.2, "ocr": 0.4}
+    row = {"lam": 0.5, "val": {"0.1": 0.3, "1.0": 0.6},
+           "val_by_lambda": {"0.1": {**tasks, "mean": 0.3}, "1.0": {"vqa": 0.5, "ocr": 0.7, "mean": 0.6}}}
+    tables = {"full": {"base": {"val_by_task": {**tasks, "mean": 0.3}}, "ties": row,
+                       "average": {"lam": 1.0, "val": {}}}}
+    monkeypatch.setenv("MCKIT_HEADLESS", "1")
+    fig = explore.explore_lambda(tables, "full", "ties", 1.0)
+    bars = [p.get_height() for p in fig.axes[1].patches]
+    assert bars == [0.5, 0.7] and "ties" in fig._suptitle.get_text()
+    monkeypatch.setenv("MCKIT_HEADLESS", "0")
+    drawn = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj, *a, **k: drawn.append(obj))
+    shown = explore.explore_lambda(tables, "full", "ties", 1.0).widget
+    method, slider = shown.children[1], shown.children[2]
+    assert list(method.options) == ["ties"]                 # only methods with a lambda to slide
+    slider.value = 0.1
+    assert [p.get_height() for p in drawn[-1].axes[1].patches] == [0.2, 0.4]
+    plt.close("all")

@@ -84,6 +84,8 @@ def capability_table(regime: str, n_val: int = 40, n_test: int = 200, methods: I
         for name, model in [("base", base), *((f"expert:{t}", e) for t, e in zip(TASKS, experts)),
                             ("multitask", load_expert(MULTITASK, regime, experts_dir))]:
             out[name] = {"test": evaluate_capabilities(model, test)}
+            if name in REFERENCES:
+                out[name]["val_by_task"] = _accuracies(evaluate_capabilities(model, val))
             bar.update()
         for name in methods:
             bar.set_postfix_str(name)
@@ -101,21 +103,45 @@ def _capability_setup(regime: str, n_val: int, n_test: int, experts_dir, world_d
     return eval_items(world, "val", n_val), eval_items(world, "test", n_test), base, experts, taus
 
 
+#: Rows of a capability table whose validation accuracy per task is kept too (the lambda explorer's references).
+REFERENCES = ("base", "multitask")
+
+
+def _accuracies(result: dict[str, dict]) -> dict[str, float]:
+    """An :func:`evaluate_capabilities` result as accuracy per task (and "mean")."""
+    return {task: r["acc"] for task, r in result.items()}
+
+
 def _capability_row(base: MLLM, deltas: dict[str, torch.Tensor], fixed: bool, val: list, test: list) -> dict:
-    """:func:`_merged_row` scored on capability items: mean validation accuracy picks lambda."""
-    return _merged_row(base, deltas, fixed, lambda m: evaluate_capabilities(m, val)["mean"]["acc"],
-                       lambda m: evaluate_capabilities(m, test))
+    """:func:`_merged_row` scored on capability items: mean validation accuracy picks lambda; the accuracy per
+    task at every lambda is kept as ``val_by_lambda``."""
+    def val_eval(model: MLLM) -> tuple[float, dict]:
+        by_task = _accuracies(evaluate_capabilities(model, val))
+        return by_task["mean"], by_task
+
+    return _merged_row(base, deltas, fixed, val_eval, lambda m: evaluate_capabilities(m, test))
 
 
-def _merged_row(base: MLLM, deltas: dict[str, torch.Tensor], fixed: bool, val_score: Callable[[MLLM], float],
-                test_result: Callable[[MLLM], dict]) -> dict:
-    """One method's row: lambda chosen on validation (unless ``fixed``), then the test result at that lambda."""
-    if fixed:
-        lam, scores = 1.0, {}
-    else:
-        lam, scores = choose_lambda(lambda lam: scaled_model(base, deltas, lam), val_score)
-    return {"lam": lam, "val": {str(k): v for k, v in scores.items()},
-            "test": test_result(scaled_model(base, deltas, lam))}
+def _merged_row(base: MLLM, deltas: dict[str, torch.Tensor], fixed: bool,
+                val_eval: Callable[[MLLM], tuple[float, dict | None]], test_result: Callable[[MLLM], dict]) -> dict:
+    """One method's row: lambda chosen on validation (unless ``fixed``), then the test result at that lambda.
+
+    ``val_eval(model)`` gives the validation score and, optionally, details kept per lambda.
+    """
+    details: dict[float, dict] = {}
+
+    def score(lam: float) -> float:
+        value, detail = val_eval(scaled_model(base, deltas, lam))
+        if detail is not None:
+            details[lam] = detail
+        return value
+
+    lam, scores = (1.0, {}) if fixed else choose_lambda(lambda lam: lam, score)
+    row = {"lam": lam, "val": {str(k): v for k, v in scores.items()},
+           "test": test_result(scaled_model(base, deltas, lam))}
+    if details:
+        row["val_by_lambda"] = {str(k): v for k, v in details.items()}
+    return row
 
 
 def method_row(regime: str, method: str, n_val: int = 40, n_test: int = 200, experts_dir: str | Path | None = None,
@@ -202,7 +228,7 @@ def modality_table(variant: str = "full", n_val: int = 100, n_test: int | None =
         for name in methods:
             bar.set_postfix_str(name)
             out[name] = _merged_row(composed, direction(taus, systems.base, name, variant), not get(name).has_lam,
-                                    lambda m: evaluate_items(m, val, OPTION_SCORE)["acc"],
+                                    lambda m: (evaluate_items(m, val, OPTION_SCORE)["acc"], None),
                                     lambda m: evaluate_items(m, test, OPTION_SCORE))
             bar.update()
     return out

@@ -16,11 +16,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from mckit.eval.mcub import MCUBItem
-from mckit.experiments.composition import answer_item, item_media
+from mckit.experiments.composition import LAMBDAS, answer_item, item_media
 from mckit.models.mllm import MLLM
 from mckit.models.shipped import load_model
 from mckit.report.notebook import ask
-from mckit.report.plots import draw_input, plot_exchange
+from mckit.report.plots import draw_input, plot_exchange, plot_lambda_choice
 from mckit.world.entities import LEVELS, MODALITIES, World
 
 HEADLESS_ENV = "MCKIT_HEADLESS"
@@ -101,3 +101,23 @@ def explore_items(models: dict[str, MLLM], items: list[MCUBItem], index: int = 0
 
     controls = {"index": lambda v: widgets.IntSlider(value=v, min=0, max=len(items) - 1, description="item")}
     return _explore(plot, {"index": index}, controls)
+
+
+def explore_lambda(tables: dict[str, dict[str, dict]], regime: str, method: str = "task_arithmetic",
+                   lam: float = 1.0):
+    """Pick a regime and a merging method, slide lambda over the grid; see validation accuracy there.
+
+    Nothing is recomputed: every lambda's accuracy per task was kept when the tables were built
+    (:func:`mckit.experiments.merging_zoo.capability_tables`); the slider only selects.
+    """
+    import ipywidgets as widgets
+
+    methods = [name for name, row in tables[regime].items() if row.get("val_by_lambda")]
+
+    def plot(regime: str, method: str, lam: float) -> plt.Figure:
+        return plot_lambda_choice(tables[regime], method, lam, f"{regime} fine-tuning")
+
+    controls = {"regime": lambda v: widgets.Dropdown(options=list(tables), value=v, description="regime"),
+                "method": lambda v: widgets.Dropdown(options=methods, value=v, description="method"),
+                "lam": lambda v: widgets.SelectionSlider(options=list(LAMBDAS), value=v, description="lambda")}
+    return _explore(plot, {"regime": regime, "method": method, "lam": lam}, controls)

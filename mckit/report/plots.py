@@ -257,6 +257,37 @@ def plot_lambda_curves(tables: dict[str, dict[str, dict]]) -> plt.Figure:
     return fig
 
 
+def plot_lambda_choice(table: dict[str, dict], method: str, lam: float, title: str = "") -> plt.Figure:
+    """One merging method at one lambda, on validation items: its mean accuracy over the lambda grid (left; the
+    value validation chose dotted) and its accuracy per task at ``lam`` (right), beside the base and the
+    multi-task model.
+
+    table: one regime of :func:`mckit.experiments.merging_zoo.capability_tables` (rows with ``val_by_lambda``).
+    """
+    by_lam = table[method]["val_by_lambda"]
+    refs = {name: table[name]["val_by_task"] for name in ("base", "multitask") if "val_by_task" in table.get(name, {})}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.5, 3.4), gridspec_kw={"width_ratios": [1, 1.5]})
+    left.plot([float(k) for k in by_lam], [v["mean"] for v in by_lam.values()], marker="o", color="tab:blue")
+    left.axvline(lam, color="tab:red", lw=2, label=f"lambda = {lam}")
+    left.axvline(table[method]["lam"], color="k", ls=":", label=f"chosen on validation: {table[method]['lam']}")
+    for (name, accs), style in zip(refs.items(), ("--", "-.")):
+        left.axhline(accs["mean"], color="gray", ls=style, lw=1, label=name)
+    left.set(xlabel="lambda", ylabel="validation accuracy (mean of 5 tasks)", ylim=(0, 1))
+    left.legend(fontsize=7)
+    at = by_lam[str(float(lam))]
+    tasks = [t for t in at if t != "mean"]
+    x = np.arange(len(tasks))
+    right.bar(x, [at[t] for t in tasks], color="tab:red", alpha=0.8, label=f"{method}, lambda = {lam}")
+    for (name, accs), marker in zip(refs.items(), ("_", "x")):
+        right.scatter(x, [accs[t] for t in tasks], marker=marker, s=160, color="k", zorder=3, label=name)
+    right.set(xticks=x, ylim=(0, 1), ylabel="validation accuracy")
+    right.set_xticklabels(tasks)
+    right.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{title}: {method}" if title else method, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def plot_accuracy_bars(frame: pd.DataFrame, title: str, chance: float | None = None) -> plt.Figure:
     """Bars with 95% CIs, one per system (frame columns: system, acc, ci_low, ci_high)."""
     fig, ax = plt.subplots(figsize=(0.55 * len(frame) + 2, 3.2))

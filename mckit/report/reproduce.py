@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 
 from mckit.models.shipped import accuracy_table, world_record
-from mckit.report.notebook import usable_cpus
+from mckit.storage.cpus import usable_cpus
 from mckit.storage.atomic import atomic_dir, atomic_write_text
 from mckit.storage.paths import NOTEBOOKS_DIR
 
