@@ -83,7 +83,7 @@ def test_capability_table_runs_on_smoke_experts(smoke_experts):
     assert set(frame["task"]) == {*TASKS, "mean"} and frame["acc"].between(0, 1).all()
 
 
-def test_failed_experts_build_leaves_nothing(tmp_path, monkeypatch):
+def test_failed_experts_build_leaves_no_output_and_no_half_stage(tmp_path, monkeypatch):
     import mckit.build.experts as experts
 
     def boom(*args, **kwargs):
@@ -92,7 +92,44 @@ def test_failed_experts_build_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(experts, "pretrain_general_encoder", boom)
     with pytest.raises(RuntimeError, match="interrupted"):
         build_experts(tmp_path / "experts", config=ExpertsConfig.preset("smoke"))
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".experts.stages"]
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    assert left == [".experts.stages", ".experts.stages/key.json", ".experts.stages/meta"]   # nothing finished
+
+
+def test_interrupted_experts_build_resumes_to_the_same_models(tmp_path, monkeypatch):
+    """Killed during its fifth training run, the build reruns only what had not finished, and every weight
+    file equals an uninterrupted build's, byte for byte."""
+    import mckit.build.experts as experts
+
+    cfg = ExpertsConfig.preset("smoke")
+    whole = build_experts(tmp_path / "whole", config=cfg)
+    real, calls = experts.train_capabilities, []
+
+    def interrupted_at_five(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(experts, "train_capabilities", interrupted_at_five)
+    with pytest.raises(KeyboardInterrupt):
+        build_experts(tmp_path / "resumed", config=cfg)
+    assert not (tmp_path / "resumed").exists() and (tmp_path / ".resumed.stages" / "models").is_dir()
+    assert not list((tmp_path / ".resumed.stages").rglob("*.running"))
+    calls.clear()
+    monkeypatch.setattr(experts, "train_capabilities", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    resumed = build_experts(tmp_path / "resumed", config=cfg)
+    assert len(calls) == 14 - 4                       # 2 base runs + 12 models; 4 had finished
+    assert not (tmp_path / ".resumed.stages").exists()
+    assert resumed["models"] == whole["models"] and resumed["encoder_probe"] == whole["encoder_probe"]
+    files = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "resumed") for p in (tmp_path / "resumed").rglob("*")
+                           if p.is_file())
+    weights = [rel for rel in files if rel.suffix == ".safetensors"]   # other files name their own paths
+    assert len(weights) == 2 + 12 * 2                 # the base's llm and branches, each model's two files
+    for rel in weights:
+        assert (tmp_path / "whole" / rel).read_bytes() == (tmp_path / "resumed" / rel).read_bytes(), rel
 
 
 def test_report_section_shows_kit_beside_paper(smoke_experts):

@@ -20,15 +20,18 @@ embeddings are those of every model in ``data/world``.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -40,7 +43,9 @@ from mckit.models.lora import is_lora
 from mckit.models.mllm import MLLM, toy_branch
 from mckit.models.shipped import MULTITASK, REGIMES, default_experts_dir, model_name
 from mckit.models.training import TEXT_SHARE, Presets, add_lora, fit, llm_trainable, mixed_examples
-from mckit.storage.atomic import atomic_dir
+from mckit.storage.atomic import atomic_dir, check_replaceable
+from mckit.storage.fingerprint import tree_fingerprint
+from mckit.storage.stages import Stages
 from mckit.world.capabilities import CHANCE, LABEL_CLASSES, TASKS, CapabilityItem, capability_items, mixed_items
 from mckit.world.entities import World
 
@@ -149,55 +154,108 @@ def train_capabilities(model: MLLM, world: World, tasks: tuple[str, ...], mode: 
 
 def build_experts(out: str | Path, world_dir: str | Path | None = None, config: ExpertsConfig | None = None,
                   overwrite: bool = False) -> dict:
-    """Train the base MLLM, the five experts and the multi-task model in both regimes; write them atomically."""
+    """Train the base MLLM, the five experts and the multi-task model in both regimes; write them atomically.
+
+    Resumable: every finished stage (the encoder, the base, each model) is kept in ``.{out}.stages``
+    beside ``out`` (:class:`mckit.storage.stages.Stages`); rerun after an interruption, the build
+    reuses them and restores torch's random state where each left it, so the result is the one an
+    uninterrupted build gives.
+    """
     from mckit.models.shipped import default_world_dir, load_base, load_tokenizer, load_world
 
     cfg = config or ExpertsConfig()
+    out = Path(out)
+    check_replaceable(out, overwrite)                 # refuse before training, not after
     world_dir = Path(world_dir) if world_dir is not None else default_world_dir()
-    world = load_world(world_dir)
-    base_llm = load_base(world_dir)
-    tokenizer = load_tokenizer(world_dir)
+    world, base_llm, tokenizer = load_world(world_dir), load_base(world_dir), load_tokenizer(world_dir)
     test = eval_items(world, "test", cfg.eval_items, cfg.seed)
+    stages = Stages(out, {"config": asdict(cfg), "world": tree_fingerprint(world_dir)})
     record: dict = {"seed": cfg.seed, "config": asdict(cfg), "world": world_dir.name, "chance": CHANCE,
                     "seconds": {}, "models": {}}
-    clock = time.perf_counter()
+    torch.manual_seed(cfg.seed)
 
-    def lap(name: str) -> None:
-        nonlocal clock
-        record["seconds"][name] = round(time.perf_counter() - clock, 1)
-        clock = time.perf_counter()
-
-    with atomic_dir(Path(out), overwrite) as tmp:
-        torch.manual_seed(cfg.seed)
+    def encoder(path: Path) -> dict:
         branch = toy_branch("image", base_llm.config.hidden_size)
         heads = pretrain_general_encoder(branch.encoder, world, cfg.encoder_steps, cfg.encoder_batch, cfg.seed)
-        record["encoder_probe"] = probe_general_encoder(branch.encoder, heads, world, cfg.eval_items, cfg.seed)
-        lap("encoder")
+        path.mkdir()
+        save_file(branch.state_dict(), str(path / "branch.safetensors"))
+        return {"encoder_probe": probe_general_encoder(branch.encoder, heads, world, cfg.eval_items, cfg.seed)}
+
+    _stage(stages, "encoder", encoder, record)
+    branch = _load_branch(stages.path("encoder"), base_llm.config.hidden_size)
+
+    def base_stage(path: Path) -> dict:
         base = MLLM(copy.deepcopy(base_llm), tokenizer, {"image": branch})
         train_capabilities(base, world, TASKS, "frozen", cfg.stage1_steps, cfg.batch, 3e-3, cfg.seed, text_share=0.0,
                            projector=True, desc="base MLLM: projector alignment")
         train_capabilities(base, world, TASKS, "full", cfg.base_steps, cfg.batch, cfg.full_lr, cfg.seed + 1,
                            projector=True, desc="base MLLM: generalist instruction tuning")
-        save_mllm(base, tmp / "base")
-        record["models"]["base"] = evaluate_capabilities(base, test)
-        lap("base")
-        theta_0 = base.llm
-        jobs = [(t, (t,), cfg.expert_steps) for t in TASKS] + [(MULTITASK, TASKS, cfg.multitask_steps)]
-        for name, tasks, steps in tqdm(jobs, desc="experts"):
-            for regime in REGIMES:
-                model = MLLM(copy.deepcopy(theta_0), tokenizer, {"image": copy.deepcopy(branch)})
-                if regime == "lora":
-                    add_lora(model, rank=cfg.lora_rank)
-                lr = cfg.full_lr if regime == "full" else cfg.lora_lr
-                train_capabilities(model, world, tasks, regime, steps, cfg.batch, lr, cfg.seed)
-                # LoRA adapters point at the base's LLM by a relative path (the same from the temporary sibling)
-                save_mllm(model, tmp / "models" / model_name(name, regime),
-                          base_path=tmp / "base" / "llm" if regime == "lora" else None)
-                record["models"][model_name(name, regime)] = evaluate_capabilities(model, test)
-                lap(model_name(name, regime))
-        record["seconds"]["total"] = round(sum(record["seconds"].values()), 1)
+        save_mllm(base, path)
+        return {"models": {"base": evaluate_capabilities(base, test)}}
+
+    _stage(stages, "base", base_stage, record)
+    theta_0 = _load_staged(stages, "base")
+    names = ["base"]
+    jobs = [(t, (t,), cfg.expert_steps) for t in TASKS] + [(MULTITASK, TASKS, cfg.multitask_steps)]
+    for name, tasks, steps in tqdm(jobs, desc="experts"):
+        for regime in REGIMES:
+            stage = f"models/{model_name(name, regime)}"
+            _stage(stages, stage, functools.partial(_train_model, theta_0, world, tasks, regime, steps, cfg, test,
+                                                    stages.path("base") / "llm", model_name(name, regime)), record)
+            names.append(stage)
+    record["seconds"]["total"] = round(sum(record["seconds"].values()), 1)
+    with atomic_dir(out, overwrite) as tmp:
+        stages.move_into(tmp, names)
         (tmp / "experts.json").write_text(json.dumps(record, indent=2))
+    stages.remove()
     return record
+
+
+def _stage(stages: Stages, name: str, work: Callable[[Path], dict], record: dict) -> None:
+    """Run ``work(path) -> record entries`` as stage ``name`` unless it finished in an earlier run; either way
+    merge its entries and seconds into ``record`` and leave torch's random state where the stage left it."""
+    done = stages.done(name)
+    if done is None:
+        start = time.perf_counter()
+        with stages.run(name) as path:
+            entries = work(path)
+        done = {"entries": entries, "seconds": round(time.perf_counter() - start, 1),
+                "rng": torch.get_rng_state().tolist()}
+        stages.finish(name, done)
+    for key, value in done["entries"].items():
+        record[key] = {**record[key], **value} if isinstance(record.get(key), dict) else value
+    record["seconds"][name.removeprefix("models/")] = done["seconds"]
+    torch.set_rng_state(torch.tensor(done["rng"], dtype=torch.uint8))
+
+
+def _load_branch(path: Path, hidden: int):
+    """The general image branch an ``encoder`` stage saved (built without touching torch's random state)."""
+    with torch.random.fork_rng():
+        branch = toy_branch("image", hidden)
+    branch.load_state_dict(load_file(str(path / "branch.safetensors")))
+    branch.encoder.eval().requires_grad_(False)
+    return branch
+
+
+def _load_staged(stages: Stages, name: str) -> MLLM:
+    """A finished stage's MLLM, loaded without touching torch's random state."""
+    from mckit.models.checkpoints import load_mllm
+
+    with torch.random.fork_rng():
+        return load_mllm(stages.path(name))
+
+
+def _train_model(theta_0: MLLM, world: World, tasks: tuple[str, ...], regime: str, steps: int, cfg: ExpertsConfig,
+                 test: list[CapabilityItem], base_llm_dir: Path, name: str, path: Path) -> dict:
+    """One expert (or the multi-task model): ``theta_0`` fine-tuned on ``tasks`` in ``regime``, saved at ``path``."""
+    model = MLLM(copy.deepcopy(theta_0.llm), theta_0.tokenizer, {"image": copy.deepcopy(theta_0.branches["image"])})
+    if regime == "lora":
+        add_lora(model, rank=cfg.lora_rank)
+    lr = cfg.full_lr if regime == "full" else cfg.lora_lr
+    train_capabilities(model, world, tasks, regime, steps, cfg.batch, lr, cfg.seed)
+    # LoRA adapters point at the base's LLM by a relative path, the same from the stage as from the output
+    save_mllm(model, path, base_path=base_llm_dir if regime == "lora" else None)
+    return {"models": {name: evaluate_capabilities(model, test)}}
 
 
 # --------------------------------------------------------------------------- loading
