@@ -32,7 +32,7 @@ def test_build_world_micro(tmp_path):
         build_world(out, micro())
 
 
-def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
+def test_failed_build_leaves_no_output_and_no_half_stage(tmp_path, monkeypatch):
     import mckit.build.world as build
 
     def boom(*args, **kwargs):
@@ -41,7 +41,39 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "train_stage1", boom)
     with pytest.raises(RuntimeError, match="interrupted"):
         build_world(tmp_path / "world", micro())
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".world.stages"]     # finished stages only, to resume from
+    assert not list(tmp_path.rglob("*.running")) and not list((tmp_path / ".world.stages" / "models").iterdir())
+
+
+def test_interrupted_world_build_resumes_to_the_same_models(tmp_path, monkeypatch):
+    """Killed in its second stage-2 training, the build reruns only what had not finished, and every weight
+    file equals an uninterrupted build's, byte for byte."""
+    import mckit.build.world as build
+
+    whole = build_world(tmp_path / "whole", micro())
+    real, calls = build.train_stage2, []
+
+    def interrupted_at_two(*args, **kwargs):
+        calls.append(args[4])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build, "train_stage2", interrupted_at_two)
+    with pytest.raises(KeyboardInterrupt):
+        build_world(tmp_path / "resumed", micro())
+    calls.clear()
+    monkeypatch.setattr(build, "train_stage1", lambda *a, **k: pytest.fail("stage 1 had finished"))
+    monkeypatch.setattr(build, "pretrain_text", lambda *a, **k: pytest.fail("the base LM had finished"))
+    monkeypatch.setattr(build, "train_stage2", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    resumed = build_world(tmp_path / "resumed", micro())
+    assert len(calls) == 2 and not (tmp_path / ".resumed.stages").exists()
+    assert resumed["models"] == whole["models"] and resumed["encoders"] == whole["encoders"]
+    weights = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*.safetensors"))
+    assert len(weights) == 1 + 4 + 1 + 1               # base; branches x 4; the full model's LLM; two adapters
+    assert weights == sorted(p.relative_to(tmp_path / "resumed") for p in (tmp_path / "resumed").rglob("*.safetensors"))
+    for rel in weights:
+        assert (tmp_path / "whole" / rel).read_bytes() == (tmp_path / "resumed" / rel).read_bytes(), rel
 
 
 def test_unknown_preset():

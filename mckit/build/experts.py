@@ -22,9 +22,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import time
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -35,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from mckit.build.staging import load_stage, run_stage
 from mckit.eval.capabilities import capability_batch, eval_items, evaluate_capabilities
 from mckit.models.batch import Batch
 from mckit.models.checkpoints import save_mllm
@@ -181,7 +180,7 @@ def build_experts(out: str | Path, world_dir: str | Path | None = None, config: 
         save_file(branch.state_dict(), str(path / "branch.safetensors"))
         return {"encoder_probe": probe_general_encoder(branch.encoder, heads, world, cfg.eval_items, cfg.seed)}
 
-    _stage(stages, "encoder", encoder, record)
+    run_stage(stages, "encoder", encoder, record)
     branch = _load_branch(stages.path("encoder"), base_llm.config.hidden_size)
 
     def base_stage(path: Path) -> dict:
@@ -193,14 +192,14 @@ def build_experts(out: str | Path, world_dir: str | Path | None = None, config: 
         save_mllm(base, path)
         return {"models": {"base": evaluate_capabilities(base, test)}}
 
-    _stage(stages, "base", base_stage, record)
-    theta_0 = _load_staged(stages, "base")
+    run_stage(stages, "base", base_stage, record)
+    theta_0 = load_stage(stages, "base")
     names = ["base"]
     jobs = [(t, (t,), cfg.expert_steps) for t in TASKS] + [(MULTITASK, TASKS, cfg.multitask_steps)]
     for name, tasks, steps in tqdm(jobs, desc="experts"):
         for regime in REGIMES:
             stage = f"models/{model_name(name, regime)}"
-            _stage(stages, stage, functools.partial(_train_model, theta_0, world, tasks, regime, steps, cfg, test,
+            run_stage(stages, stage, functools.partial(_train_model, theta_0, world, tasks, regime, steps, cfg, test,
                                                     stages.path("base") / "llm", model_name(name, regime)), record)
             names.append(stage)
     record["seconds"]["total"] = round(sum(record["seconds"].values()), 1)
@@ -211,23 +210,6 @@ def build_experts(out: str | Path, world_dir: str | Path | None = None, config: 
     return record
 
 
-def _stage(stages: Stages, name: str, work: Callable[[Path], dict], record: dict) -> None:
-    """Run ``work(path) -> record entries`` as stage ``name`` unless it finished in an earlier run; either way
-    merge its entries and seconds into ``record`` and leave torch's random state where the stage left it."""
-    done = stages.done(name)
-    if done is None:
-        start = time.perf_counter()
-        with stages.run(name) as path:
-            entries = work(path)
-        done = {"entries": entries, "seconds": round(time.perf_counter() - start, 1),
-                "rng": torch.get_rng_state().tolist()}
-        stages.finish(name, done)
-    for key, value in done["entries"].items():
-        record[key] = {**record[key], **value} if isinstance(record.get(key), dict) else value
-    record["seconds"][name.removeprefix("models/")] = done["seconds"]
-    torch.set_rng_state(torch.tensor(done["rng"], dtype=torch.uint8))
-
-
 def _load_branch(path: Path, hidden: int):
     """The general image branch an ``encoder`` stage saved (built without touching torch's random state)."""
     with torch.random.fork_rng():
@@ -235,14 +217,6 @@ def _load_branch(path: Path, hidden: int):
     branch.load_state_dict(load_file(str(path / "branch.safetensors")))
     branch.encoder.eval().requires_grad_(False)
     return branch
-
-
-def _load_staged(stages: Stages, name: str) -> MLLM:
-    """A finished stage's MLLM, loaded without touching torch's random state."""
-    from mckit.models.checkpoints import load_mllm
-
-    with torch.random.fork_rng():
-        return load_mllm(stages.path(name))
 
 
 def _train_model(theta_0: MLLM, world: World, tasks: tuple[str, ...], regime: str, steps: int, cfg: ExpertsConfig,

@@ -25,10 +25,12 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from mckit.build.staging import load_stage, run_stage
 from mckit.eval.single import evaluate_single
-from mckit.models.checkpoints import save_mllm
+from mckit.models.checkpoints import load_llm, load_tokenizer_dir, save_mllm
 from mckit.models.encoders import pretrain_encoder, probe_accuracy
 from mckit.models.mllm import MLLM, toy_branch
 from mckit.models.training import (
@@ -42,7 +44,8 @@ from mckit.models.training import (
     train_stage2,
 )
 from mckit.storage.atomic import atomic_dir, atomic_write_text, check_replaceable
-from mckit.world.entities import MODALITIES, make_world
+from mckit.storage.stages import Stages
+from mckit.world.entities import MODALITIES, World, make_world
 from mckit.world.render import TEST_RENDER_SEED, TRAIN_RENDER_SEED, render_bank
 from mckit.world.tasks import corpus_words
 from mckit.world.tokenizer import train_tokenizer
@@ -75,59 +78,92 @@ class BuildConfig(Presets):
 
 
 def build_world(out: str | Path, config: BuildConfig | None = None, overwrite: bool = False) -> dict:
-    """Train everything and write it to ``out`` atomically. Returns the ``world.json`` record."""
+    """Train everything and write it to ``out`` atomically. Returns the ``world.json`` record.
+
+    Resumable: every finished stage (tokenizer, base LM, each encoder, each MLLM) is kept in
+    ``.{out}.stages`` beside ``out`` (:class:`mckit.storage.stages.Stages`); rerun after an
+    interruption, the build reuses them and restores torch's random state where each left it.
+    """
     cfg = config or BuildConfig()
+    out = Path(out)
+    check_replaceable(out, overwrite)                 # refuse before training, not after
     torch.manual_seed(cfg.seed)
     world = make_world(cfg.seed, cfg.n_entities)
     record: dict = {"seed": cfg.seed, "config": asdict(cfg), "entities": [
         {"name": e.name, **e.attrs} for e in world.entities], "seconds": {}, "encoders": {}, "models": {}}
-    clock = time.perf_counter()
+    stages = Stages(out, {"config": asdict(cfg)})
 
-    def lap(name: str) -> None:
-        nonlocal clock
-        record["seconds"][name] = round(time.perf_counter() - clock, 1)
-        clock = time.perf_counter()
+    def tokenizer_stage(path: Path) -> dict:
+        train_tokenizer(corpus_words(world)).save_pretrained(str(path))
+        return {}
 
-    with atomic_dir(Path(out), overwrite) as tmp:
-        tokenizer = train_tokenizer(corpus_words(world))
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    run_stage(stages, "tokenizer", tokenizer_stage, record)
+    tokenizer = load_tokenizer_dir(stages.path("tokenizer"))
+
+    def base_stage(path: Path) -> dict:
         base = MLLM(make_llm(tokenizer, hidden=cfg.hidden, layers=cfg.layers, seed=cfg.seed), tokenizer, {})
-        record["text_loss"] = float(np.mean(pretrain_text(base, world, cfg.text_steps, cfg.text_batch, seed=cfg.seed)[-20:]))
-        base.llm.save_pretrained(str(tmp / "base"))
-        lap("text_pretraining")
+        losses = pretrain_text(base, world, cfg.text_steps, cfg.text_batch, seed=cfg.seed)
+        base.llm.save_pretrained(str(path))
+        return {"text_loss": float(np.mean(losses[-20:]))}
 
-        for mod in tqdm(cfg.modalities, desc="modalities"):
-            branch = toy_branch(mod, cfg.hidden)
-            train = render_bank(mod, world, cfg.bank_per_entity, TRAIN_RENDER_SEED)
-            test = render_bank(mod, world, max(4, cfg.bank_per_entity // 4), TEST_RENDER_SEED)
-            _, heads = pretrain_encoder(branch.encoder, *(torch.from_numpy(train[k]) for k in ("x", "entity", "level")),
-                                        n_entities=cfg.n_entities, steps=cfg.encoder_steps, seed=cfg.seed,
-                                        desc=f"{mod} encoder")
-            record["encoders"][mod] = probe_accuracy(branch.encoder, heads,
-                                                     *(torch.from_numpy(test[k]) for k in ("x", "entity", "level")))
-            train_bank, test_bank = FeatureBank(branch, train), FeatureBank(branch, test)
-            lap(f"{mod}_encoder")
-
-            stage1 = MLLM(copy.deepcopy(base.llm), tokenizer, {mod: branch})
-            train_stage1(stage1, mod, world, train_bank, cfg.stage1_steps, cfg.mllm_batch, seed=cfg.seed)
-            save_mllm(stage1, tmp / "models" / f"{mod}-stage1", base_path=tmp / "base")
-            record["models"][f"{mod}-stage1"] = evaluate_single(stage1, world, mod, test_bank, cfg.eval_items, cfg.seed)
-            lap(f"{mod}_stage1")
-
-            for mode in STAGE2_MODES:
-                model = MLLM(copy.deepcopy(base.llm), tokenizer, {mod: copy.deepcopy(branch)})
-                if mode == "lora":
-                    add_lora(model, rank=cfg.lora_rank)
-                model.branches[mod].projector.load_state_dict(stage1.branches[mod].projector.state_dict())
-                lr = {"lora": cfg.lora_lr, "full": cfg.full_lr, "frozen": cfg.lora_lr}[mode]
-                train_stage2(model, mod, world, train_bank, mode, cfg.stage2_steps, cfg.mllm_batch, lr, seed=cfg.seed)
-                save_mllm(model, tmp / "models" / f"{mod}-{mode}", base_path=None if mode == "full" else tmp / "base")
-                record["models"][f"{mod}-{mode}"] = evaluate_single(model, world, mod, test_bank, cfg.eval_items,
-                                                                    cfg.seed)
-                lap(f"{mod}_{mode}")
-        record["seconds"]["total"] = round(sum(record["seconds"].values()), 1)
+    run_stage(stages, "base", base_stage, record, label="text_pretraining")
+    with torch.random.fork_rng():
+        base_llm = load_llm(stages.path("base"))
+    names = ["tokenizer", "base"]
+    for mod in tqdm(cfg.modalities, desc="modalities"):
+        names += _build_modality(stages, mod, world, base_llm, tokenizer, cfg, record)
+    record["seconds"]["total"] = round(sum(record["seconds"].values()), 1)
+    with atomic_dir(out, overwrite) as tmp:
+        stages.move_into(tmp, names)
         (tmp / "world.json").write_text(json.dumps(record, indent=2))
+    stages.remove()
     return record
+
+
+def _build_modality(stages: Stages, mod: str, world: World, base_llm, tokenizer, cfg: BuildConfig,
+                    record: dict) -> list[str]:
+    """One modality's stages: its encoder, its stage-1 MLLM, then one stage-2 MLLM per mode; their stage names."""
+    train = render_bank(mod, world, cfg.bank_per_entity, TRAIN_RENDER_SEED)
+    test = render_bank(mod, world, max(4, cfg.bank_per_entity // 4), TEST_RENDER_SEED)
+
+    def encoder(path: Path) -> dict:
+        branch = toy_branch(mod, cfg.hidden)
+        _, heads = pretrain_encoder(branch.encoder, *(torch.from_numpy(train[k]) for k in ("x", "entity", "level")),
+                                    n_entities=cfg.n_entities, steps=cfg.encoder_steps, seed=cfg.seed,
+                                    desc=f"{mod} encoder")
+        path.mkdir()
+        save_file(branch.state_dict(), str(path / "branch.safetensors"))
+        return {"encoders": {mod: probe_accuracy(branch.encoder, heads,
+                                                 *(torch.from_numpy(test[k]) for k in ("x", "entity", "level")))}}
+
+    run_stage(stages, f"encoders/{mod}", encoder, record, label=f"{mod}_encoder")
+    with torch.random.fork_rng():
+        branch = toy_branch(mod, cfg.hidden)
+    branch.load_state_dict(load_file(str(stages.path(f"encoders/{mod}") / "branch.safetensors")))
+    branch.encoder.eval().requires_grad_(False)
+    train_bank, test_bank = FeatureBank(branch, train), FeatureBank(branch, test)
+
+    def stage1_stage(path: Path) -> dict:
+        stage1 = MLLM(copy.deepcopy(base_llm), tokenizer, {mod: branch})
+        train_stage1(stage1, mod, world, train_bank, cfg.stage1_steps, cfg.mllm_batch, seed=cfg.seed)
+        save_mllm(stage1, path, base_path=stages.path("base"))
+        return {"models": {f"{mod}-stage1": evaluate_single(stage1, world, mod, test_bank, cfg.eval_items, cfg.seed)}}
+
+    run_stage(stages, f"models/{mod}-stage1", stage1_stage, record, label=f"{mod}_stage1")
+    aligned = load_stage(stages, f"models/{mod}-stage1").branches[mod]
+    for mode in STAGE2_MODES:
+        def stage2(path: Path, mode: str = mode) -> dict:
+            model = MLLM(copy.deepcopy(base_llm), tokenizer, {mod: copy.deepcopy(aligned)})
+            if mode == "lora":
+                add_lora(model, rank=cfg.lora_rank)
+            lr = {"lora": cfg.lora_lr, "full": cfg.full_lr, "frozen": cfg.lora_lr}[mode]
+            train_stage2(model, mod, world, train_bank, mode, cfg.stage2_steps, cfg.mllm_batch, lr, seed=cfg.seed)
+            save_mllm(model, path, base_path=None if mode == "full" else stages.path("base"))
+            return {"models": {f"{mod}-{mode}": evaluate_single(model, world, mod, test_bank, cfg.eval_items,
+                                                                cfg.seed)}}
+
+        run_stage(stages, f"models/{mod}-{mode}", stage2, record, label=f"{mod}_{mode}")
+    return [f"models/{mod}-{variant}" for variant in ("stage1", *STAGE2_MODES)]
 
 
 def train_replicas(world_dir: str | Path, seeds: list[int], variant: str = "lora", overwrite: bool = False) -> dict:
