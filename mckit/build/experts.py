@@ -29,11 +29,11 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from mckit.build.staging import load_stage, run_stage
+from mckit.build.staging import load_branch, load_stage, run_stage
 from mckit.eval.capabilities import capability_batch, eval_items, evaluate_capabilities
 from mckit.models.batch import Batch
 from mckit.models.checkpoints import save_mllm
@@ -181,7 +181,7 @@ def build_experts(out: str | Path, world_dir: str | Path | None = None, config: 
         return {"encoder_probe": probe_general_encoder(branch.encoder, heads, world, cfg.eval_items, cfg.seed)}
 
     run_stage(stages, "encoder", encoder, record)
-    branch = _load_branch(stages.path("encoder"), base_llm.config.hidden_size)
+    branch = load_branch(stages.path("encoder"), "image", base_llm.config.hidden_size)
 
     def base_stage(path: Path) -> dict:
         base = MLLM(copy.deepcopy(base_llm), tokenizer, {"image": branch})
@@ -208,15 +208,6 @@ def build_experts(out: str | Path, world_dir: str | Path | None = None, config: 
         (tmp / "experts.json").write_text(json.dumps(record, indent=2))
     stages.remove()
     return record
-
-
-def _load_branch(path: Path, hidden: int):
-    """The general image branch an ``encoder`` stage saved (built without touching torch's random state)."""
-    with torch.random.fork_rng():
-        branch = toy_branch("image", hidden)
-    branch.load_state_dict(load_file(str(path / "branch.safetensors")))
-    branch.encoder.eval().requires_grad_(False)
-    return branch
 
 
 def _train_model(theta_0: MLLM, world: World, tasks: tuple[str, ...], regime: str, steps: int, cfg: ExpertsConfig,

@@ -7,9 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from mckit.models.checkpoints import load_mllm
-from mckit.models.mllm import MLLM
+from mckit.models.mllm import MLLM, Branch, toy_branch
 from mckit.storage.stages import Stages
 
 
@@ -35,3 +36,13 @@ def load_stage(stages: Stages, name: str) -> MLLM:
     """A finished stage's MLLM, loaded without touching torch's random state."""
     with torch.random.fork_rng():
         return load_mllm(stages.path(name))
+
+
+def load_branch(path: Path, modality: str, hidden: int) -> Branch:
+    """The branch an encoder stage saved as ``branch.safetensors``, its encoder frozen, built without touching
+    torch's random state."""
+    with torch.random.fork_rng():
+        branch = toy_branch(modality, hidden)
+    branch.load_state_dict(load_file(str(path / "branch.safetensors")))
+    branch.encoder.eval().requires_grad_(False)
+    return branch

@@ -25,10 +25,10 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from mckit.build.staging import load_stage, run_stage
+from mckit.build.staging import load_branch, load_stage, run_stage
 from mckit.eval.single import evaluate_single
 from mckit.models.checkpoints import load_llm, load_tokenizer_dir, save_mllm
 from mckit.models.encoders import pretrain_encoder, probe_accuracy
@@ -137,10 +137,7 @@ def _build_modality(stages: Stages, mod: str, world: World, base_llm, tokenizer,
                                                  *(torch.from_numpy(test[k]) for k in ("x", "entity", "level")))}}
 
     run_stage(stages, f"encoders/{mod}", encoder, record, label=f"{mod}_encoder")
-    with torch.random.fork_rng():
-        branch = toy_branch(mod, cfg.hidden)
-    branch.load_state_dict(load_file(str(stages.path(f"encoders/{mod}") / "branch.safetensors")))
-    branch.encoder.eval().requires_grad_(False)
+    branch = load_branch(stages.path(f"encoders/{mod}"), mod, cfg.hidden)
     train_bank, test_bank = FeatureBank(branch, train), FeatureBank(branch, test)
 
     def stage1_stage(path: Path) -> dict:
