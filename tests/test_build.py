@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from _build_helpers import counted, interrupted_at, same_weights
 
 from mckit.build.world import BuildConfig, build_world
 from mckit.merge.task_vectors import task_vector
@@ -52,28 +53,18 @@ def test_interrupted_world_build_resumes_to_the_same_models(tmp_path, monkeypatc
 
     whole = build_world(tmp_path / "whole", micro())
     real, calls = build.train_stage2, []
-
-    def interrupted_at_two(*args, **kwargs):
-        calls.append(args[4])
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(build, "train_stage2", interrupted_at_two)
+    monkeypatch.setattr(build, "train_stage2", interrupted_at(real, 2, calls))
     with pytest.raises(KeyboardInterrupt):
         build_world(tmp_path / "resumed", micro())
     calls.clear()
     monkeypatch.setattr(build, "train_stage1", lambda *a, **k: pytest.fail("stage 1 had finished"))
     monkeypatch.setattr(build, "pretrain_text", lambda *a, **k: pytest.fail("the base LM had finished"))
-    monkeypatch.setattr(build, "train_stage2", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    monkeypatch.setattr(build, "train_stage2", counted(real, calls))
     resumed = build_world(tmp_path / "resumed", micro())
     assert len(calls) == 2 and not (tmp_path / ".resumed.stages").exists()
     assert resumed["models"] == whole["models"] and resumed["encoders"] == whole["encoders"]
-    weights = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*.safetensors"))
+    weights = same_weights(tmp_path / "whole", tmp_path / "resumed")
     assert len(weights) == 1 + 4 + 1 + 1               # base; branches x 4; the full model's LLM; two adapters
-    assert weights == sorted(p.relative_to(tmp_path / "resumed") for p in (tmp_path / "resumed").rglob("*.safetensors"))
-    for rel in weights:
-        assert (tmp_path / "whole" / rel).read_bytes() == (tmp_path / "resumed" / rel).read_bytes(), rel
 
 
 def test_unknown_preset():

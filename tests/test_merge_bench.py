@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _build_helpers import counted, interrupted_at, same_weights
 
 from mckit.build.experts import ExpertsConfig, build_experts
 from mckit.experiments import merging_zoo
@@ -105,31 +106,19 @@ def test_interrupted_experts_build_resumes_to_the_same_models(tmp_path, monkeypa
     cfg = ExpertsConfig.preset("smoke")
     whole = build_experts(tmp_path / "whole", config=cfg)
     real, calls = experts.train_capabilities, []
-
-    def interrupted_at_five(*args, **kwargs):
-        calls.append(args[2])
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(experts, "train_capabilities", interrupted_at_five)
+    monkeypatch.setattr(experts, "train_capabilities", interrupted_at(real, 5, calls))
     with pytest.raises(KeyboardInterrupt):
         build_experts(tmp_path / "resumed", config=cfg)
     assert not (tmp_path / "resumed").exists() and (tmp_path / ".resumed.stages" / "models").is_dir()
     assert not list((tmp_path / ".resumed.stages").rglob("*.running"))
     calls.clear()
-    monkeypatch.setattr(experts, "train_capabilities", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    monkeypatch.setattr(experts, "train_capabilities", counted(real, calls))
     resumed = build_experts(tmp_path / "resumed", config=cfg)
     assert len(calls) == 14 - 4                       # 2 base runs + 12 models; 4 had finished
     assert not (tmp_path / ".resumed.stages").exists()
     assert resumed["models"] == whole["models"] and resumed["encoder_probe"] == whole["encoder_probe"]
-    files = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(tmp_path / "resumed") for p in (tmp_path / "resumed").rglob("*")
-                           if p.is_file())
-    weights = [rel for rel in files if rel.suffix == ".safetensors"]   # other files name their own paths
+    weights = same_weights(tmp_path / "whole", tmp_path / "resumed")
     assert len(weights) == 2 + 12 * 2                 # the base's llm and branches, each model's two files
-    for rel in weights:
-        assert (tmp_path / "whole" / rel).read_bytes() == (tmp_path / "resumed" / rel).read_bytes(), rel
 
 
 def test_report_section_shows_kit_beside_paper(smoke_experts):

@@ -184,13 +184,13 @@ def side_by_side(stored: dict[str, Any], now: dict[str, Any]) -> pd.DataFrame:
     1 for equal or not).
     """
     rows = {}
-    for label, s in stored.items():
-        n = now[label]
-        if isinstance(s, dict):
-            rows[label] = {"stored": s["acc"], "now": n["acc"], "n": s["n"],
-                           "items_apart": round(abs(s["acc"] - n["acc"]) * s["n"])}
+    for label, before in stored.items():
+        after = now[label]
+        if isinstance(before, dict):
+            rows[label] = {"stored": before["acc"], "now": after["acc"], "n": before["n"],
+                           "items_apart": round(abs(before["acc"] - after["acc"]) * before["n"])}
         else:
-            rows[label] = {"stored": s, "now": n, "n": None, "items_apart": int(s != n)}
+            rows[label] = {"stored": before, "now": after, "n": None, "items_apart": int(before != after)}
     frame = pd.DataFrame(rows).T
     return frame.astype({"stored": float, "now": float, "n": "Int64", "items_apart": int})
 

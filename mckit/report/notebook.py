@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import resource
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -30,7 +28,8 @@ def ask(model: MLLM, world: World, modality: str, entity: str, question: str, le
 def resolve_mode(mode: str) -> str:
     """Notebook ``MODE``: "auto" means "full" on a GPU and "smoke" (toy scale) on a CPU.
 
-    Also sets torch's CPU threads to :func:`usable_cpus` (a container's quota, not the host's cores).
+    Also sets torch's CPU threads to :func:`usable_cpus` (the idle CPUs this process may use, capped by a
+    container's quota; not the host's cores).
     """
     torch.set_num_threads(usable_cpus())
     if mode not in ("auto", "smoke", "full"):
