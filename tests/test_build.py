@@ -12,7 +12,7 @@ from mckit.models import shipped
 
 
 def micro() -> BuildConfig:
-    return BuildConfig(encoder_steps=3, bank_per_entity=4, text_steps=4, text_batch=8, stage1_steps=2,
+    return BuildConfig(encoder_steps=3, bank_per_entity=4, drill_steps=2, text_steps=4, text_batch=8, stage1_steps=2,
                        stage2_steps=3, mllm_batch=8, eval_items=5, modalities=("point",), hidden=32, layers=1,
                        lora_rank=4)
 
@@ -22,6 +22,7 @@ def test_build_world_micro(tmp_path):
     record = build_world(out, micro())
     assert json.loads((out / "world.json").read_text())["seconds"] == record["seconds"]
     assert set(record["models"]) == {"point-stage1", "point-lora", "point-full", "point-frozen"}
+    assert set(record["binding"]) == {"letter", "word", "drill"} and record["binding"]["drill"]["n"] == 5
     for variant in shipped.VARIANTS:
         model = shipped.load_model("point", variant, out)
         assert model.modalities == ["point"]
@@ -86,6 +87,26 @@ def test_pretraining_updates_a_frozen_branch_encoder(world):
     after = branch.encoder.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert not any(p.requires_grad for p in branch.encoder.parameters())
+
+
+def test_text_pretraining_starts_with_the_drill_then_keeps_a_share(world, tokenizer, monkeypatch):
+    """The curriculum: drill_steps of drill items only, then the stream with drill_share of each batch."""
+    from mckit.models import training
+    from mckit.models.mllm import MLLM
+
+    seen: list[list[str]] = []
+    real = training.to_batch
+
+    def spy(model, examples, banks, rng, **kw):
+        seen.append([ex.task for ex in examples])
+        return real(model, examples, banks, rng, **kw)
+
+    monkeypatch.setattr(training, "to_batch", spy)
+    model = MLLM(training.make_llm(tokenizer, hidden=16, layers=1, heads=2, intermediate=32), tokenizer, {})
+    losses = training.pretrain_text(model, world, steps=3, batch_size=10, drill_steps=2, drill_share=0.2)
+    assert len(losses) == 5 and len(seen) == 5
+    assert all(set(tasks) == {"drill"} for tasks in seen[:2])
+    assert all(tasks.count("drill") == 2 and len(tasks) == 10 for tasks in seen[2:])
 
 
 def test_replicas_retrain_stage2_with_other_seeds(tmp_path):

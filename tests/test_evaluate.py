@@ -7,8 +7,11 @@ from mckit.eval.mcub import load_benchmark
 from mckit.eval.protocols import (
     first_token_answers,
     generated_answers,
+    NAMED_LETTER,
+    evaluate_items,
     item_inputs,
     letter_hits,
+    named_letter,
     option_score_answers,
     restrict,
     sequence_logprob,
@@ -61,3 +64,17 @@ def test_wilson_interval():
     lo, hi = wilson(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
     assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+
+
+def test_named_letter_reads_the_letter_a_reply_names():
+    assert named_letter("red , and the letter is C") == "C"
+    assert named_letter("the answer is red, so the letter is (B).") == "B"
+    assert named_letter("B") == "B" and named_letter("(D) sea") == "D" and named_letter(" A. red") == "A"
+    assert named_letter("red") == "" and named_letter("big ones") == "" and named_letter("") == ""
+
+
+def test_named_letter_protocol_scores_generated_replies(bench, tiny_mllm):
+    items = load_benchmark("MCUB-4", "test", bench)
+    replies = generated_answers(tiny_mllm, items)
+    expected = sum(named_letter(r) == it.answer for r, it in zip(replies, items)) / len(items)
+    assert evaluate_items(tiny_mllm, items, NAMED_LETTER, batch_size=3)["acc"] == pytest.approx(expected)

@@ -5,7 +5,8 @@ import pytest
 
 from mckit.world.entities import FAMILIES, MODALITIES, make_world
 from mckit.world.render import RENDERERS, render, render_bank
-from mckit.world.tasks import Slots, commonality, corpus_words
+from mckit.eval.single import drill_correct
+from mckit.world.tasks import LETTERS, Slots, commonality, corpus_words, drill, drill_split, reply_letter
 
 SHAPES = {"image": (3, 16, 16), "audio": (1024,), "video": (4, 16, 16), "point": (128, 6)}
 
@@ -65,6 +66,32 @@ def test_commonality_items_have_one_right_option(world):
         values = [options[i + 3] for i in range(0, 16, 4)]
         shared = [v for v in values if all(v in world.by_name(n).attrs.values() for n in names)]
         assert shared == [ex.answer]
+
+
+def test_lettered_commonality_names_the_gold_word_then_its_letter(world):
+    rng = np.random.default_rng(1)
+    for i in range(100):
+        ex = commonality(world, rng, Slots(None, rng), answer="letter", gold_at=i % 4)
+        options = ex.prompt.split("?")[1].split()
+        word, letter = ex.answer.split()[0], reply_letter(ex.answer)
+        assert letter == LETTERS[i % 4] and options[4 * (i % 4) + 3] == word
+        assert ex.answer == f"{word} , and the letter is {letter}"
+    assert reply_letter("red") is None and reply_letter("red , and the letter is E") is None
+
+
+def test_drill_binds_every_option_and_holds_out_option_lists(world):
+    rng = np.random.default_rng(2)
+    seen = {"train": set(), "test": set()}
+    for split in ("train", "test"):
+        for _ in range(300):
+            ex = drill(world, rng, Slots(None, rng), split=split)
+            options = tuple(ex.prompt.split()[3:16:4])
+            assert drill_split(list(options)) == split and drill_correct(ex.prompt, ex.answer)
+            seen[split].add(options)
+            wrong = ex.answer.replace(" A", " Q")
+            assert not drill_correct(ex.prompt, wrong)
+            assert not drill_correct(ex.prompt, " , ".join(ex.answer.split(" , ")[:3]))     # one option missing
+    assert seen["train"] and seen["test"] and not seen["train"] & seen["test"]
 
 
 def test_tokenizer_covers_every_task_word(world, tokenizer):

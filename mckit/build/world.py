@@ -2,7 +2,8 @@
 
 ``python -m mckit build-world --out data/world`` writes::
 
-    world.json            seed, entities, build settings, wall times, held-out accuracies
+    world.json            seed, entities, build settings, wall times, held-out accuracies (the base
+                          LM's letter binding under ``binding``)
     tokenizer/            word-level tokenizer
     base/                 the text-pretrained base LM (plain transformers checkpoint)
     models/{m}-stage1/    projector-only MLLM (frozen base LLM)
@@ -29,7 +30,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from mckit.build.staging import load_branch, load_stage, run_stage
-from mckit.eval.single import evaluate_single
+from mckit.eval.single import evaluate_binding, evaluate_single
 from mckit.models.checkpoints import load_llm, load_tokenizer_dir, save_mllm
 from mckit.models.encoders import pretrain_encoder, probe_accuracy
 from mckit.models.mllm import MLLM, toy_branch
@@ -60,8 +61,11 @@ class BuildConfig(Presets):
     modalities: tuple[str, ...] = MODALITIES
     encoder_steps: int = 500
     bank_per_entity: int = 64
-    text_steps: int = 3200
+    drill_steps: int = 500
+    text_steps: int = 3000
     text_batch: int = 64
+    text_lr: float = 1e-3
+    drill_share: float = 0.2
     stage1_steps: int = 1000
     stage2_steps: int = 300
     mllm_batch: int = 32
@@ -73,7 +77,7 @@ class BuildConfig(Presets):
     layers: int = 4
 
     KIND: ClassVar[str] = "build"
-    SMOKE: ClassVar[dict] = dict(encoder_steps=40, bank_per_entity=8, text_steps=60, stage1_steps=20,
+    SMOKE: ClassVar[dict] = dict(encoder_steps=40, bank_per_entity=8, drill_steps=10, text_steps=60, stage1_steps=20,
                                  stage2_steps=30, eval_items=40, modalities=("image", "audio"))
 
 
@@ -102,9 +106,11 @@ def build_world(out: str | Path, config: BuildConfig | None = None, overwrite: b
 
     def base_stage(path: Path) -> dict:
         base = MLLM(make_llm(tokenizer, hidden=cfg.hidden, layers=cfg.layers, seed=cfg.seed), tokenizer, {})
-        losses = pretrain_text(base, world, cfg.text_steps, cfg.text_batch, seed=cfg.seed)
+        losses = pretrain_text(base, world, cfg.text_steps, cfg.text_batch, cfg.text_lr, cfg.seed,
+                               cfg.drill_steps, cfg.drill_share)
         base.llm.save_pretrained(str(path))
-        return {"text_loss": float(np.mean(losses[-20:]))}
+        return {"text_loss": float(np.mean(losses[-20:])),
+                "binding": evaluate_binding(base, world, cfg.eval_items, cfg.seed)}
 
     run_stage(stages, "base", base_stage, record, label="text_pretraining")
     with torch.random.fork_rng():

@@ -19,6 +19,7 @@ Reading (:func:`load_split`, :class:`MCUBItem`, :class:`MCUBError`, ...) lives i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -39,7 +40,14 @@ from mckit.storage.atomic import atomic_dir
 from mckit.storage.paths import DATA_DIR
 from mckit.world.entities import FAMILIES, LEVELS, MODALITIES, World
 from mckit.world.render import render
-from mckit.world.tasks import LETTERS, MODALITY_TASKS, Example, Slots, commonality
+from mckit.world.tasks import (
+    LETTERS,
+    MODALITY_TASKS,
+    Example,
+    Slots,
+    commonality,
+    reply_letter,
+)
 
 #: Split name -> its modalities (MCUB-4 and the four MCUB-3 subsets).
 SPLITS: dict[str, tuple[str, ...]] = {
@@ -84,7 +92,7 @@ def mcub_examples(world: World, modalities: tuple[str, ...], n: int, part: str, 
         order = [modalities[j] for j in rng.permutation(len(modalities))]
         ex = commonality(world, rng, Slots(None, rng), modalities=order, answer="letter", split=part,
                          gold_at=i % len(LETTERS), family=list(FAMILIES)[(i // len(LETTERS)) % len(FAMILIES)])
-        out.append(ex)
+        out.append(dataclasses.replace(ex, answer=reply_letter(ex.answer)))     # MCUB's gold: the letter alone
     return out
 
 

@@ -2,8 +2,9 @@
 
 Protocols: ``letter`` (greedy decoding, first character == gold letter: MCUB's
 metric; read from one forward pass, which a test proves equal to ``generate``),
-``option_score`` (the most likely option text as the reply) and ``exact_match``
-(open single-modality questions).
+``named_letter`` (greedy decoding, the letter the reply names: ``... the letter is C``,
+or a reply that starts with a letter), ``option_score`` (the most likely option
+text as the reply) and ``exact_match`` (open single-modality questions).
 """
 
 from __future__ import annotations
@@ -57,7 +58,17 @@ def score(examples: list[Example], predictions: list[str]) -> dict[str, dict]:
 # --------------------------------------------------------------------------- MCUB-schema items
 
 #: Protocol names every table carries.
-LETTER, OPTION_SCORE, EXACT = "letter", "option_score", "exact_match"
+LETTER, NAMED_LETTER, OPTION_SCORE, EXACT = "letter", "named_letter", "option_score", "exact_match"
+#: The multiple-choice protocols, in the order tables show them.
+PROTOCOLS = (LETTER, NAMED_LETTER, OPTION_SCORE)
+_NAMES_LETTER = re.compile(r"\bletter is \(?([A-H])\b")
+_STARTS_WITH_LETTER = re.compile(r"\(?([A-H])\b")
+
+
+def named_letter(reply: str) -> str:
+    """The option letter a reply names: after "letter is", else the letter it starts with, else ""."""
+    found = _NAMES_LETTER.search(reply) or _STARTS_WITH_LETTER.match(reply.strip())
+    return found.group(1) if found else ""
 
 
 def restrict(prompt: str, media: dict[str, list], keep: list[str]) -> tuple[str, dict[str, list]]:
@@ -110,7 +121,7 @@ def first_token_answers(model: MLLM, items: list[MCUBItem], batch_size: int = 12
 
 
 @torch.no_grad()
-def generated_answers(model: MLLM, items: list[MCUBItem], batch_size: int = 128, max_new_tokens: int = 8,
+def generated_answers(model: MLLM, items: list[MCUBItem], batch_size: int = 128, max_new_tokens: int = 10,
                       progress: bool = False) -> list[str]:
     """Greedy decoding with ``generate`` (the paper's protocol)."""
     out: list[str] = []
@@ -164,13 +175,15 @@ def letter_hits(answers: list[str], items: list[MCUBItem]) -> list[bool]:
 
 def evaluate_items(model: MLLM, items: list[MCUBItem], protocol: str = LETTER, batch_size: int = 128,
                    progress: bool = False) -> dict:
-    """Accuracy of ``model`` on multiple-choice ``items`` under ``protocol`` (letter | option_score)."""
+    """Accuracy of ``model`` on multiple-choice ``items`` under ``protocol`` (one of :data:`PROTOCOLS`)."""
     if protocol == LETTER:
         answers = first_token_answers(model, items, batch_size, progress)
+    elif protocol == NAMED_LETTER:
+        answers = [named_letter(a) for a in generated_answers(model, items, batch_size, progress=progress)]
     elif protocol == OPTION_SCORE:
         answers = option_score_answers(model, items, max(1, batch_size // 4), progress)
     else:
-        raise ValueError(f"unknown protocol {protocol!r}; expected {LETTER!r} or {OPTION_SCORE!r}")
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
     return accuracy(letter_hits(answers, items), protocol)
 
 

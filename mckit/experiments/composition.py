@@ -27,8 +27,8 @@ import torch
 from mckit.compose import static as compose
 from mckit.eval.mcub import SPLITS, MCUBItem, load_benchmark, one_entity_oracle
 from mckit.eval.protocols import (
-    LETTER,
     OPTION_SCORE,
+    PROTOCOLS,
     evaluate_items,
     exact_match_by_task,
     first_token_answers,
@@ -96,7 +96,7 @@ def _no_tick(label: str) -> None:
 
 
 def choose_lambda(systems: Systems, modalities: tuple[str, ...], val: list[MCUBItem],
-                  protocols: tuple[str, ...] = (LETTER, OPTION_SCORE), grid: Iterable[float] = LAMBDAS,
+                  protocols: tuple[str, ...] = PROTOCOLS, grid: Iterable[float] = LAMBDAS,
                   tick: Callable[[str], None] = _no_tick) -> dict[str, tuple[float, dict[float, float]]]:
     """Task arithmetic's lambda per protocol: the grid value with the best accuracy on ``val`` (never test).
 
@@ -118,7 +118,7 @@ def split_steps(split: str) -> int:
     return len(LAMBDAS) + len(system_names(SPLITS[split]))
 
 
-def run_split(systems: Systems, split: str, n: int | None = None, protocols: tuple[str, ...] = (LETTER, OPTION_SCORE),
+def run_split(systems: Systems, split: str, n: int | None = None, protocols: tuple[str, ...] = PROTOCOLS,
               bench_dir: str | Path | None = None,
               tick: Callable[[str], None] = _no_tick) -> dict[str, dict[str, dict]]:
     """``{protocol: {system: {"acc", "ci95", "n", "protocol"}}}`` on the first ``n`` test items of ``split``.
@@ -149,7 +149,7 @@ def run_mcub(systems: Systems, n: int | None = None, splits: Iterable[str] = SPL
     from tqdm.auto import tqdm
 
     splits = list(splits)
-    out: dict[str, dict[str, dict]] = {LETTER: {}, OPTION_SCORE: {}}
+    out: dict[str, dict[str, dict]] = {p: {} for p in PROTOCOLS}
     with tqdm(total=sum(split_steps(s) for s in splits), desc="MCUB") as bar:
         for split in splits:
             def tick(label: str, split: str = split) -> None:
@@ -169,7 +169,7 @@ def mcub_results(variant: str = "lora", n: int | None = None, splits: Iterable[s
 
 
 def system_result(systems: Systems, name: str, split: str, n: int | None = None,
-                  protocols: tuple[str, ...] = (LETTER, OPTION_SCORE),
+                  protocols: tuple[str, ...] = PROTOCOLS,
                   bench_dir: str | Path | None = None) -> dict[str, dict]:
     """One system (no lambda to choose) on the first ``n`` test items of ``split``: ``{protocol: result}``."""
     model = systems.build(name, SPLITS[split])
@@ -303,12 +303,14 @@ def resolve_device(device: str) -> str:
 
 
 def answer_item(model: MLLM, item: MCUBItem) -> dict[str, str]:
-    """One item through ``model``: the prompt it sees, its generated reply, and both protocols' letters."""
-    from mckit.eval.protocols import item_inputs, option_score_answers
+    """One item through ``model``: the prompt it sees, its generated reply, and every protocol's letter."""
+    from mckit.eval.protocols import item_inputs, named_letter, option_score_answers
 
     prompt = item_inputs(model, [item])[0][0]
-    return {"sees": prompt, "generated": generated_answers(model, [item])[0],
-            "letter": first_token_answers(model, [item])[0][:1], "option_score": option_score_answers(model, [item])[0],
+    generated = generated_answers(model, [item])[0]
+    return {"sees": prompt, "generated": generated, "letter": first_token_answers(model, [item])[0][:1],
+            "named_letter": named_letter(generated),
+            "option_score": option_score_answers(model, [item])[0],
             "gold": item.answer}
 
 
@@ -325,7 +327,7 @@ def answer_table(models: dict[str, MLLM], item: MCUBItem) -> pd.DataFrame:
 
 
 def score_table(models: dict[str, MLLM], items: list[MCUBItem],
-                protocols: tuple[str, ...] = (LETTER, OPTION_SCORE)) -> pd.DataFrame:
+                protocols: tuple[str, ...] = PROTOCOLS) -> pd.DataFrame:
     """Accuracy of every model (rows) under every protocol (columns) on ``items``."""
     return pd.DataFrame({name: {p: evaluate_items(m, items, p)["acc"] for p in protocols}
                          for name, m in models.items()}).T

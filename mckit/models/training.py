@@ -22,7 +22,7 @@ from mckit.models.batch import Batch
 from mckit.models.lora import is_lora, is_lora_parameter, quiet_peft
 from mckit.models.mllm import MLLM, Branch
 from mckit.world.entities import World
-from mckit.world.tasks import Example, chat, sample
+from mckit.world.tasks import Example, Slots, chat, drill, sample
 
 
 class Presets:
@@ -124,18 +124,32 @@ def fit(model: MLLM, params: list[torch.nn.Parameter], next_batch: Callable[[int
     return losses
 
 
-def pretrain_text(model: MLLM, world: World, steps: int, batch_size: int = 64, lr: float = 3e-3,
-                  seed: int = 0) -> list[float]:
-    """Train the base LM (all parameters) on generated text about the world."""
+def pretrain_text(model: MLLM, world: World, steps: int, batch_size: int = 64, lr: float = 1e-3,
+                  seed: int = 0, drill_steps: int = 0, drill_share: float = 0.0) -> list[float]:
+    """Train the base LM (all parameters) on generated text about the world; returns the loss per step.
+
+    A curriculum for letter binding: ``drill_steps`` of the letter drill alone
+    (:func:`mckit.world.tasks.drill`), then ``steps`` of the text stream with a
+    ``drill_share`` of each batch kept as drill. Each phase has its own optimiser
+    and warm-up. Measured at width 128 (batch 64, lr 1e-3): 500 drill steps bind
+    letters to words (0.98 on held-out option lists); mixed into the stream from
+    the start instead, lettered answers stay near chance for 3000 steps.
+    """
     rng = np.random.default_rng([seed, 11])
     params = [p for p in model.llm.parameters()]
     for p in params:
         p.requires_grad_(True)
+    n_drill = int(round(batch_size * drill_share))
+
+    def drill_batch(_: int) -> Batch:
+        return to_batch(model, [drill(world, rng, Slots(None, rng)) for _ in range(batch_size)], {}, rng)
 
     def next_batch(_: int) -> Batch:
-        return to_batch(model, mixed_examples(world, rng, batch_size, None, {}), {}, rng)
+        examples = mixed_examples(world, rng, batch_size - n_drill, None, {})
+        return to_batch(model, examples + [drill(world, rng, Slots(None, rng)) for _ in range(n_drill)], {}, rng)
 
-    return fit(model, params, next_batch, steps, lr, "text pretraining")
+    losses = fit(model, params, drill_batch, drill_steps, lr, "letter drill") if drill_steps else []
+    return losses + fit(model, params, next_batch, steps, lr, "text pretraining")
 
 
 def train_stage1(model: MLLM, modality: str, world: World, bank: FeatureBank, steps: int, batch_size: int = 64,

@@ -11,11 +11,17 @@ the alignment trick that makes a tiny LM composable.
 Tasks (each a function ``(world, rng, slot_maker) -> Example``):
 identify, attribute, describe (modality-native family), level (high/low),
 commonality (what do these have in common, options A-D, answer with the
-letter or with the word), and text facts.
+letter or with the word), text facts, and the letter drill.
+
+A lettered commonality answer names the word first and the letter after it
+(``red , and the letter is C``): a 4-layer LM cannot infer the shared value and
+look up its letter in one step, but it can look up the letter of a word it
+has just written, once the drill has taught it to (see :func:`drill`).
 """
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,6 +40,21 @@ QUESTION = {
 }
 COMMON_QUESTION = "what do they have in common ?"
 ANSWER_WITH = {"letter": "answer with the letter .", "word": "answer with the word ."}
+#: A lettered commonality answer: the shared value, then the letter in front of it among the options.
+LETTER_REPLY = "{word} , and the letter is {letter}"
+DRILL_PROMPT = "tell me the letter ."
+_NAMED = re.compile(r"the letter is ([A-D])\b")
+
+
+def letter_reply(word: str, letter: str) -> str:
+    """The world's lettered answer: ``letter_reply("red", "C") == "red , and the letter is C"``."""
+    return LETTER_REPLY.format(word=word, letter=letter)
+
+
+def reply_letter(reply: str) -> str | None:
+    """The letter a :func:`letter_reply` names (None if ``reply`` names none)."""
+    found = _NAMED.search(reply)
+    return found.group(1) if found else None
 
 
 @dataclass
@@ -220,13 +241,45 @@ def commonality(world: World, rng: np.random.Generator, slots: Slots, k: int | N
     if gold_at is not None:
         options = place_gold(options, gold, gold_at)
     answer = answer or ("letter" if rng.random() < 0.5 else "word")
-    reply = LETTERS[options.index(gold)] if answer == "letter" else gold
+    reply = letter_reply(gold, LETTERS[options.index(gold)]) if answer == "letter" else gold
     body = " ".join(f"{slots(e, m)} ." for e, m in zip(entities, mods))
     prompt = f"{body} {COMMON_QUESTION} {format_options(options)} . {ANSWER_WITH[answer]}"
     return Example(prompt, reply, slots.inputs, f"common:{answer}")
 
 
-TEXT_TASKS = {"fact": fact, "identify": identify, "attribute": attribute, "choice": choice, "common": commonality}
+#: Share of drill option lists held out of training (by a hash of the ordered list), to measure binding.
+DRILL_TEST_SHARE = 0.2
+
+
+def drill_split(options: list[str]) -> str:
+    """"test" for the held-out share of ordered option lists, else "train" (deterministic)."""
+    u = zlib.crc32(("drill:" + ",".join(options)).encode()) / 2**32
+    return "test" if u < DRILL_TEST_SHARE else "train"
+
+
+def drill(world: World, rng: np.random.Generator, slots: Slots, split: str = "train") -> Example:
+    """The letter drill: four lettered options, answered by every option followed by its letter.
+
+    ``( A ) red ( B ) big ( C ) hum ( D ) sea . tell me the letter .`` ->
+    ``sea D , red A , hum C , big B`` (options in a random order). One value per
+    family, shuffled, as in commonality options. Pretraining starts with the drill
+    alone, which binds each option word to the letter in front of it; the lettered
+    answers of :func:`commonality` then only need that lookup after the word.
+    """
+    fams = list(FAMILIES)
+    for _ in range(1000):
+        values = [FAMILIES[f][rng.integers(len(FAMILIES[f]))] for f in fams]
+        options = [values[i] for i in rng.permutation(len(values))]
+        if drill_split(options) == split:
+            break
+    else:
+        raise RuntimeError(f"no drill option list of split {split!r} in 1000 draws")
+    reply = " , ".join(f"{options[i]} {LETTERS[i]}" for i in rng.permutation(len(options)))
+    return Example(f"{format_options(options)} . {DRILL_PROMPT}", reply, {}, "drill")
+
+
+TEXT_TASKS = {"fact": fact, "identify": identify, "attribute": attribute, "choice": choice, "common": commonality,
+              "drill": drill}
 MODALITY_TASKS = {"identify": identify, "attribute": attribute, "choice": choice, "describe": describe,
                   "level": level, "common": commonality}
 
@@ -249,7 +302,8 @@ def corpus_words(world: World) -> list[str]:
     words = set(chat("x", "x").split()) | set(LETTERS) | set(LEVELS) | set(world.names) | set(FAMILIES)
     for fam, values in FAMILIES.items():
         words |= set(values) | set(QUESTION[fam].split())
-    for sentence in (COMMON_QUESTION, *ANSWER_WITH.values(), "( ) . , : describe it is it high or low ?",
+    for sentence in (COMMON_QUESTION, *ANSWER_WITH.values(), letter_reply("", ""), DRILL_PROMPT,
+                     "( ) . , : describe it is it high or low ?",
                      "what is this ? this is a", "name image audio video point"):
         words |= set(sentence.split())
     for _ in range(50):
