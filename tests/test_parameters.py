@@ -53,6 +53,13 @@ def test_every_notebook_checks_every_parameter_and_its_defaults_pass(path):
     ("WORLD_DIR", "/nowhere/world", "no such directory"),
     ("OUT", 3, "expected a path as text, or None"),
     ("DEVICE", "tpu", "expected one of 'auto', 'cpu', 'cuda'"),
+    ("N_SMOKE", 401, "MCUB-4 has 400 test items; write at most 400"),
+    ("N_FULL", 1000, "has 400 test items; write at most 400 (or None for all)"),
+    ("N_MODALITY_VAL_FULL", 101, "MCUB-3-image-audio-video has 100 val items; write at most 100"),
+    ("N_MODALITY_SMOKE", 500, "MCUB-3-image-audio-video has 400 test items"),
+    ("EXPLORE_METHOD", "average", "expected one of 'task_arithmetic', 'ties'"),
+    ("EXPLORE_LAMBDA", 0.2, "lambda must be a value of the grid 0.1, 0.3, 0.5, 0.7, 1.0, 1.5"),
+    ("EXPLORE_LAMBDA", True, "lambda must be a value of the grid"),
 ])
 def test_bad_parameter_is_one_line_naming_it(name, value, fragment):
     with pytest.raises(ParameterError) as err:
@@ -80,3 +87,9 @@ def test_a_notebook_outside_the_repository_is_told_so(monkeypatch, tmp_path):
     message = r"WORLD_DIR = None: the kit's shipped .*world is missing: open the notebook"
     with pytest.raises(ParameterError, match=message):
         check_parameters(MODE="auto", WORLD_DIR=None, ENTITY=3)
+
+
+def test_counts_are_checked_against_the_notebooks_own_splits():
+    assert check_parameters(SPLITS=["MCUB-4"], N_FULL=400, N_SMOKE=1) == "parameters ok"
+    with pytest.raises(ParameterError, match="SPLITS = "):         # a bad split is named before the counts
+        check_parameters(N_SMOKE=5, SPLITS=["MCUB-5"])

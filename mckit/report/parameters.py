@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 
 from mckit.eval.mcub import SPLITS, load_benchmark
+from mckit.experiments.composition import LAMBDAS
+from mckit.experiments.merging_zoo import BENCH_METHODS, MODALITY_SPLIT
+from mckit.merge.registry import get
 from mckit.models.shipped import REGIMES, VARIANTS, world_record
 from mckit.storage.paths import DATA_DIR
 from mckit.world.entities import MODALITIES
@@ -104,6 +107,32 @@ def _item(name, value, params):
         _fail(name, value, f"MCUB-4 has {n} test items, numbered 0 to {n - 1}")
 
 
+def _split_size(split: str, part: str, params) -> int:
+    return len(load_benchmark(split, part, params.get("BENCH_DIR")))
+
+
+def _at_most_split(part: str, split: str | None = None, allow_none: bool = False) -> Callable:
+    """A count of MCUB items that a split holds: ``split``'s, else the smallest of the notebook's ``SPLITS``
+    (all splits when None; MCUB-4 when the notebook has no ``SPLITS``)."""
+    def check(name, value, params):
+        _count(1, allow_none)(name, value, params)
+        if value is None:
+            return
+        names = [split] if split else (params.get("SPLITS") or list(SPLITS)) if "SPLITS" in params else ["MCUB-4"]
+        sizes = {s: _split_size(s, part, params) for s in names}
+        smallest = min(sizes, key=sizes.get)
+        if value > sizes[smallest]:
+            _fail(name, value, f"{smallest} has {sizes[smallest]} {part} items; write at most {sizes[smallest]}"
+                               + (" (or None for all)" if allow_none else ""))
+    return check
+
+
+def _lambda(name, value, params):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) not in LAMBDAS:
+        _fail(name, value, f"lambda must be a value of the grid {', '.join(map(str, LAMBDAS))} "
+                           "(every method was scored at these only)")
+
+
 def _device(name, value, params):
     _choice(("auto", "cpu", "cuda"))(name, value, params)
     if value == "cuda" and not torch.cuda.is_available():
@@ -130,8 +159,14 @@ RULES: dict[str, Callable] = {
     "DEVICE": _device,
     "SPLITS": _subset(tuple(SPLITS), allow_none=True),
     "RANK_ABLATION": _flag,
-    "N_FULL": _count(1, allow_none=True),
-    "N_MODALITY_FULL": _count(1, allow_none=True),
+    "N_SMOKE": _at_most_split("test"),
+    "N_FULL": _at_most_split("test", allow_none=True),
+    "N_MODALITY_SMOKE": _at_most_split("test", MODALITY_SPLIT),
+    "N_MODALITY_FULL": _at_most_split("test", MODALITY_SPLIT, allow_none=True),
+    "N_MODALITY_VAL_SMOKE": _at_most_split("val", MODALITY_SPLIT),
+    "N_MODALITY_VAL_FULL": _at_most_split("val", MODALITY_SPLIT),
+    "EXPLORE_METHOD": _choice(tuple(m for m in BENCH_METHODS if get(m).has_lam)),
+    "EXPLORE_LAMBDA": _lambda,
     "WORLD_DIR": _directory,
     "BENCH_DIR": _directory,
     "EXPERTS_DIR": _directory,
@@ -144,10 +179,11 @@ _POSITIVE = _count(1)
 def check_parameters(**params) -> str:
     """Check every notebook parameter given; raise :class:`ParameterError` (one line) at the first bad one.
 
-    Directories are checked before the values that need them (``ENTITY`` reads the world).
+    Directories are checked before the values that need them (``ENTITY`` reads the world), counts of
+    items last (they are checked against the splits the notebook uses).
     Returns "parameters ok" so the cell shows that it ran.
     """
-    order = sorted(params, key=lambda n: not n.endswith("_DIR"))
+    order = sorted(params, key=lambda n: (not n.endswith("_DIR"), n.startswith("N_")))
     for name in order:
         rule = RULES.get(name, _POSITIVE if name.startswith("N_") else None)
         if rule is None:

@@ -240,13 +240,15 @@ def zoo_section(zoo: dict) -> list[str]:
 
 
 def report(results: dict) -> str:
-    """REPORT.md: the MCUB tables (both protocols), retention beside the paper, the world's models, timings."""
+    """REPORT.md: the MCUB tables (every protocol), retention beside the paper, the world's models, timings."""
     lines = [f"# mckit results ({results['mode']} mode, seeds {results['seeds']})", ""]
     if "mcub" in results:
         lines += ["## MCUB on the toy world (test items, 95% Wilson CI)", "",
                   "The paper's MCUB numbers are not reproduced here (7B models, real media); what carries over is "
                   "the comparison: NaiveMC against the best single-modality model on each split.", ""]
-        lines += mcub_table(results["mcub"], "letter") + [""] + mcub_table(results["mcub_option_score"], "option_score")
+        for key, protocol in (("mcub", "letter"), ("mcub_named_letter", "named_letter"),
+                              ("mcub_option_score", "option_score")):
+            lines += mcub_table(results[key], protocol) + [""] if key in results else []
         lines += ["", "| protocol | split | NaiveMC | best single | gap (points) |", "|---|---|---|---|---|"]
         lines += [f"| {h['protocol']} | {h['split']} | {h['naivemc']:.3f} | {h['best_single']:.3f} "
                   f"({h['best_single_system']}) | {h['gap_points']:+.1f} |" for h in results["headline"]]
