@@ -61,7 +61,7 @@ class BuildConfig(Presets):
     modalities: tuple[str, ...] = MODALITIES
     encoder_steps: int = 500
     bank_per_entity: int = 64
-    drill_steps: int = 500
+    drill_steps: int = 1000
     text_steps: int = 3000
     text_batch: int = 64
     text_lr: float = 1e-3
