@@ -75,7 +75,7 @@ def explore_answers(world: World, modality: str, entity: str, variant: str = "fu
 
 
 def plot_item_answers(models: dict[str, MLLM], item: MCUBItem) -> plt.Figure:
-    """An MCUB item's inputs, its question, and every system's answers (generated, letter, option score)."""
+    """An MCUB item's inputs, its question, and every system's answers (generated, and each protocol's letter)."""
     media = item_media(item)
     pairs = [(m, x) for m, xs in media.items() for x in xs]
     fig = plt.figure(figsize=(max(8, 2.6 * len(pairs)), 4.2))
@@ -83,7 +83,8 @@ def plot_item_answers(models: dict[str, MLLM], item: MCUBItem) -> plt.Figure:
         ax = fig.add_subplot(1, len(pairs), i + 1, **({"projection": "3d"} if mod == "point" else {}))
         draw_input(ax, mod, x, mod)
     fig.subplots_adjust(top=0.92, bottom=0.42)
-    rows = [f"{name:<16} generated {a['generated']!r:<16} letter {a['letter']:<2} option score {a['option_score']}"
+    rows = [f"{name:<16} generated {a['generated']!r:<30} letter {a['letter']:<2} named {a['named_letter'] or '-':<2} "
+            f"option score {a['option_score']}"
             for name, a in ((n, answer_item(m, item)) for n, m in models.items())]
     question = item.prompt.split("?")[0].split(" . ")[-1] + "?"
     options = " ".join(f"({letter}) {text}" for letter, text in zip("ABCDEFGH", item.options))
