@@ -1,5 +1,7 @@
 """The merging benchmark's machinery: lambda scaling, method settings, lambda selection, the experts' build."""
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from _build_helpers import counted, interrupted_at, same_weights
@@ -82,6 +84,21 @@ def test_capability_table_runs_on_smoke_experts(smoke_experts):
     assert table["average"]["val"] == {}
     frame = merging_zoo.capability_frame(table, "lora")
     assert set(frame["task"]) == {*TASKS, "mean"} and frame["acc"].between(0, 1).all()
+
+
+@pytest.mark.parametrize("regime", ["full", "lora"])
+def test_expert_geometry_measures_the_task_vectors(smoke_experts, regime):
+    geo = merging_zoo.expert_geometry(regime, smoke_experts)
+    base = load_expert("base", regime, smoke_experts).llm
+    tau = task_vector(load_expert("chart", regime, smoke_experts), base)
+    ref = base.state_dict()
+    by_hand = torch.sqrt(sum(t.pow(2).sum() for t in tau.values()) / sum(ref[k].pow(2).sum() for k in tau))
+    assert geo["rel_norm"]["chart"] == pytest.approx(float(by_hand), rel=1e-4)
+    cos = pd.DataFrame(geo["cosine"])
+    assert list(cos.index) == list(TASKS) and (cos.values.diagonal() == pytest.approx(1.0, abs=1e-5))
+    assert (cos.values == pytest.approx(cos.values.T)) and -1 <= geo["cos_sum_multitask"] <= 1
+    summary = merging_zoo.geometry_summary({regime: geo})
+    assert summary.loc["cosine_max", regime] == pytest.approx(max(cos.values[~np.eye(len(TASKS), dtype=bool)]))
 
 
 def test_failed_experts_build_leaves_no_output_and_no_half_stage(tmp_path, monkeypatch):

@@ -314,3 +314,22 @@ def plot_seeds(frame: pd.DataFrame, title: str) -> plt.Figure:
     ax.legend(title="seed", fontsize=7, title_fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def plot_expert_geometry(geometry: dict[str, dict]) -> plt.Figure:
+    """Left: ||tau|| / ||theta_0|| of each expert and the multi-task model, per regime; then, per regime,
+    the cosines between the experts' task vectors (from :func:`mckit.experiments.merging_zoo.expert_geometry`)."""
+    regimes = list(geometry)
+    fig, axes = plt.subplots(1, 1 + len(regimes), figsize=(4.6 * (1 + len(regimes)), 3.8))
+    norms = pd.DataFrame([{"model": m, "regime": r, "rel_norm": v} for r, g in geometry.items()
+                          for m, v in g["rel_norm"].items()])
+    sns.barplot(norms, x="model", y="rel_norm", hue="regime", ax=axes[0])
+    axes[0].set(xlabel="", ylabel="||tau|| / ||theta_0||", title="how far each model moved")
+    axes[0].tick_params(axis="x", rotation=30)
+    for ax, regime in zip(axes[1:], regimes):
+        g = geometry[regime]
+        sns.heatmap(pd.DataFrame(g["cosine"]), vmin=-1, vmax=1, cmap="vlag", annot=True, fmt=".2f", cbar=False, ax=ax,
+                    annot_kws={"fontsize": 8})
+        ax.set_title(f"{regime}: cosines; cos(sum, multitask) = {g['cos_sum_multitask']:.2f}", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -227,6 +227,9 @@ def zoo_section(zoo: dict) -> list[str]:
              f"lambda chosen on {zoo['n_val_per_task']} validation items per task). Paper: "
              + "; ".join(f"{r}: {m}" for r, m in merging_zoo.PAPER["capabilities_models"].items()) + ".", ""]
     lines += markdown(merging_zoo.capability_summary(zoo["capabilities"]))
+    if zoo.get("geometry"):
+        lines += ["", "How far the models moved (||tau|| / ||theta_0||) and how alike the experts' task vectors are:", ""]
+        lines += markdown(merging_zoo.geometry_summary(zoo["geometry"]), 3)
     for regime, table in zoo["capabilities"].items():
         lines += ["", f"Per task, {regime} fine-tuning:", ""]
         lines += markdown(merging_zoo.task_table(merging_zoo.capability_frame(table, regime)), 3)
