@@ -39,6 +39,11 @@ from mckit.world.capabilities import TASKS
 #: Benchmark methods, in the registry's order and at its defaults, which are the paper's settings (TIES keeps
 #: 20% per tensor, DARE drops 20%, seeded per tensor); on LoRA experts OptMerge runs its LoRA variant.
 BENCH_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in {x.lora_variant for x in METHODS.values()})
+#: WUDI and OptMerge again at a learning rate where their losses converge on the toy's small matrices (300 Adam
+#: steps cut the loss 65-600x at 1e-3 against 1.6x at the paper's 1e-5; :func:`optimisation_check`): rows
+#: ``"{method}@lr{lr}"``.
+CONVERGED_LR = 1e-3
+CONVERGED: tuple[str, ...] = ("wudi", "optmerge")
 #: OptMerge rank-ratio ablation (k as a fraction of min(m, d)), as in the paper.
 RANK_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 
@@ -74,22 +79,25 @@ def capability_table(regime: str, n_val: int = 40, n_test: int = 200, methods: I
                      experts_dir: str | Path | None = None, world_dir: str | Path | None = None) -> dict[str, dict]:
     """``{system: {"test": {task: result, "mean": ...}, "lam", "val"}}`` for one regime (full | lora).
 
-    Systems: ``base``, ``expert:{task}``, ``multitask``, and every method. ``n_val``
-    / ``n_test`` are items per task.
+    Systems: ``base``, ``expert:{task}``, ``multitask``, every method, and each of :data:`CONVERGED`
+    among them once more at :data:`CONVERGED_LR` (``"wudi@lr0.001"``). ``n_val`` / ``n_test`` are items
+    per task.
     """
     val, test, base, experts, taus = _capability_setup(regime, n_val, n_test, experts_dir, world_dir)
-    methods = list(methods)
+    runs = [(name, name, {}) for name in methods]
+    runs += [(f"{name}@lr{CONVERGED_LR:g}", name, {"lr": CONVERGED_LR}) for name in CONVERGED if name in methods]
     out: dict[str, dict] = {}
-    with _bar(len(TASKS) + 2 + len(methods), f"capabilities ({regime})") as bar:
+    with _bar(len(TASKS) + 2 + len(runs), f"capabilities ({regime})") as bar:
         for name, model in [("base", base), *((f"expert:{t}", e) for t, e in zip(TASKS, experts)),
                             ("multitask", load_expert(MULTITASK, regime, experts_dir))]:
             out[name] = {"test": evaluate_capabilities(model, test)}
             if name in REFERENCES:
                 out[name]["val_by_task"] = _accuracies(evaluate_capabilities(model, val))
             bar.update()
-        for name in methods:
-            bar.set_postfix_str(name)
-            out[name] = _capability_row(base, direction(taus, base.llm, name, regime), not get(name).has_lam, val, test)
+        for row, name, options in runs:
+            bar.set_postfix_str(row)
+            out[row] = _capability_row(base, direction(taus, base.llm, name, regime, **options), not get(name).has_lam,
+                                       val, test)
             bar.update()
     return out
 
