@@ -101,6 +101,30 @@ def test_expert_geometry_measures_the_task_vectors(smoke_experts, regime):
     assert summary.loc["cosine_max", regime] == pytest.approx(max(cos.values[~np.eye(len(TASKS), dtype=bool)]))
 
 
+def test_an_expert_replays_the_other_tasks_with_the_base_answers(smoke_experts, world, monkeypatch):
+    import copy
+
+    from mckit.build import experts
+    from mckit.eval.capabilities import capability_answers
+
+    base = load_expert("base", "full", smoke_experts)
+    pool = experts.replay_pool(world, 6, 0, base)
+    assert set(pool) == set(TASKS) and all(len(items) == 6 for items in pool.values())
+    assert [it.answer for it in pool["vqa"]] == capability_answers(base, pool["vqa"])
+    gold = experts.replay_pool(world, 6, 0)
+    assert [g.image.tobytes() for g in gold["ocr"]] == [p.image.tobytes() for p in pool["ocr"]]
+    seen = []
+    real = experts.capability_batch
+    monkeypatch.setattr(experts, "capability_batch", lambda m, items, text: seen.extend(items) or real(m, items, text))
+    experts.train_capabilities(copy.deepcopy(base), world, ("chart",), "full", steps=3, batch=40, lr=1e-5, seed=0,
+                               text_share=0.0, replay=0.5, pool=pool)
+    replayed = [it for it in seen if it.task != "chart"]
+    pooled = {id(it) for items in pool.values() for it in items}
+    assert len(seen) == 120 and 30 <= len(replayed) <= 90 and all(id(it) in pooled for it in replayed)
+    with pytest.raises(ValueError, match="needs a pool"):
+        experts.train_capabilities(base, world, ("chart",), "full", 1, 4, 1e-5, 0, replay=0.2)
+
+
 def test_failed_experts_build_leaves_no_output_and_no_half_stage(tmp_path, monkeypatch):
     import mckit.build.experts as experts
 
