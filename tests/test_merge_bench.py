@@ -123,6 +123,10 @@ def test_an_expert_replays_the_other_tasks_with_the_base_answers(smoke_experts, 
     assert len(seen) == 120 and 30 <= len(replayed) <= 90 and all(id(it) in pooled for it in replayed)
     with pytest.raises(ValueError, match="needs a pool"):
         experts.train_capabilities(base, world, ("chart",), "full", 1, 4, 1e-5, 0, replay=0.2)
+    with pytest.raises(ValueError, match="replay_labels must be 'base' or 'gold', got 'teacher'"):
+        ExpertsConfig(replay_labels="teacher")
+    with pytest.raises(ValueError, match=r"replay must be a share in \[0, 1\), got 1.5"):
+        ExpertsConfig(replay=1.5)
 
 
 def test_failed_experts_build_leaves_no_output_and_no_half_stage(tmp_path, monkeypatch):

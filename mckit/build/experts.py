@@ -88,6 +88,12 @@ class ExpertsConfig(Presets):
     replay_labels: str = "gold"
     replay_items: int = 1500
 
+    def __post_init__(self):
+        if self.replay_labels not in ("base", "gold"):
+            raise ValueError(f"replay_labels must be 'base' or 'gold', got {self.replay_labels!r}")
+        if not 0 <= self.replay < 1:
+            raise ValueError(f"replay must be a share in [0, 1), got {self.replay!r}")
+
     KIND: ClassVar[str] = "experts"
     SMOKE: ClassVar[dict] = dict(encoder_steps=20, encoder_batch=32, stage1_steps=10, base_steps=6,
                                  expert_steps=8, multitask_steps=8, batch=8, eval_items=8, replay_items=16)
@@ -213,10 +219,6 @@ def build_experts(out: str | Path, world_dir: str | Path | None = None, config: 
     from mckit.models.shipped import default_world_dir, load_base, load_tokenizer, load_world
 
     cfg = config or ExpertsConfig()
-    if cfg.replay_labels not in ("base", "gold"):
-        raise ValueError(f"replay_labels must be 'base' or 'gold', got {cfg.replay_labels!r}")
-    if not 0 <= cfg.replay < 1:
-        raise ValueError(f"replay must be a share in [0, 1), got {cfg.replay!r}")
     out = Path(out)
     check_replaceable(out, overwrite)                 # refuse before training, not after
     world_dir = Path(world_dir) if world_dir is not None else default_world_dir()
