@@ -198,10 +198,11 @@ def replay_pool(world: World, n: int, seed: int, base: MLLM | None = None) -> di
     """
     rng = np.random.default_rng([seed, 151])
     pool = {}
-    for task in TASKS:
-        items = [MAKERS[task](world, rng) for _ in range(n)]
-        answers = capability_answers(base, items) if base is not None else [it.answer for it in items]
-        pool[task] = [dataclasses.replace(it, answer=a) for it, a in zip(items, answers)]
+    with torch.random.fork_rng():                     # leaves torch's random state as it was, for resumed builds
+        for task in TASKS:
+            items = [MAKERS[task](world, rng) for _ in range(n)]
+            answers = capability_answers(base, items) if base is not None else [it.answer for it in items]
+            pool[task] = [dataclasses.replace(it, answer=a) for it, a in zip(items, answers)]
     return pool
 
 
@@ -250,10 +251,8 @@ def build_experts(out: str | Path, world_dir: str | Path | None = None, config: 
 
     run_stage(stages, "base", base_stage, record)
     theta_0 = load_stage(stages, "base")
-    pool = None
-    if cfg.replay:
-        with torch.random.fork_rng():
-            pool = replay_pool(world, cfg.replay_items, cfg.seed, theta_0 if cfg.replay_labels == "base" else None)
+    pool = replay_pool(world, cfg.replay_items, cfg.seed, theta_0 if cfg.replay_labels == "base" else None
+                       ) if cfg.replay else None
     names = ["base"]
     jobs = [(t, (t,), cfg.expert_steps) for t in TASKS] + [(MULTITASK, TASKS, cfg.multitask_steps)]
     for name, tasks, steps in tqdm(jobs, desc="experts"):
