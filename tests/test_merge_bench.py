@@ -7,7 +7,7 @@ import torch
 from _build_helpers import counted, interrupted_at, same_weights
 
 from mckit.build.experts import ExpertsConfig, build_experts
-from mckit.experiments import merging_zoo
+from mckit.experiments import merging_zoo, recipe
 from mckit.merge.registry import get
 from mckit.merge.task_vectors import task_vector
 from mckit.models.shipped import load_expert
@@ -88,7 +88,7 @@ def test_capability_table_runs_on_smoke_experts(smoke_experts):
 
 @pytest.mark.parametrize("regime", ["full", "lora"])
 def test_expert_geometry_measures_the_task_vectors(smoke_experts, regime):
-    geo = merging_zoo.expert_geometry(regime, smoke_experts)
+    geo = recipe.expert_geometry(regime, smoke_experts)
     base = load_expert("base", regime, smoke_experts).llm
     tau = task_vector(load_expert("chart", regime, smoke_experts), base)
     ref = base.state_dict()
@@ -97,8 +97,28 @@ def test_expert_geometry_measures_the_task_vectors(smoke_experts, regime):
     cos = pd.DataFrame(geo["cosine"])
     assert list(cos.index) == list(TASKS) and (cos.values.diagonal() == pytest.approx(1.0, abs=1e-5))
     assert (cos.values == pytest.approx(cos.values.T)) and -1 <= geo["cos_sum_multitask"] <= 1
-    summary = merging_zoo.geometry_summary({regime: geo})
+    summary = recipe.geometry_summary({regime: geo})
     assert summary.loc["cosine_max", regime] == pytest.approx(max(cos.values[~np.eye(len(TASKS), dtype=bool)]))
+
+
+def test_recipe_targets_read_the_table_as_the_targets_say():
+    def row(own: dict | None = None, mean: float = 0.5, n: int = 1000, **extra) -> dict:
+        return {"test": {**{t: {"acc": 0.5} for t in TASKS}, **(own or {}), "mean": {"acc": mean, "n": n}}, **extra}
+
+    table = {"base": row(mean=0.40), **{f"expert:{t}": row({t: {"acc": 0.62}}) for t in TASKS},
+             "multitask": row(mean=0.60), "average": row(mean=0.58, lam=1.0, val={}),
+             "task_arithmetic": row(mean=0.46, lam=0.5, val={"0.5": 0.50, "1.0": 0.46}),
+             "ties": row(mean=0.44, lam=1.0, val={"1.0": 0.52})}
+    got = recipe.recipe_targets(table).set_index("criterion")
+    assert got.loc["expert vqa: own task - base (points)", "value"] == pytest.approx(12.0)
+    assert got.loc["multitask: mean - base (points)", "value"] == pytest.approx(20.0)
+    assert got.loc["task arithmetic: val at lambda 1.0 / best val", "value"] == pytest.approx(0.92)
+    best = "best merge (ties)"                  # chosen on validation (0.52 > 0.50); average has none
+    assert got.loc[f"{best}: mean - base (points)", "value"] == pytest.approx(4.0)
+    assert got.loc[f"{best}: share of the multi-task gain", "value"] == pytest.approx(0.2)
+    low = got.loc[f"{best}: 95% CI low - base (points)"]
+    assert low["value"] == pytest.approx(100 * (recipe.wilson(440, 1000)[0] - 0.40)) and low["met"]
+    assert got["met"].tolist() == [True] * 5 + [True, True, True, True, False]
 
 
 def test_an_expert_replays_the_other_tasks_with_the_base_answers(smoke_experts, world, monkeypatch):

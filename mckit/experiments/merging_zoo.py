@@ -111,38 +111,6 @@ def _capability_setup(regime: str, n_val: int, n_test: int, experts_dir, world_d
     return eval_items(world, "val", n_val), eval_items(world, "test", n_test), base, experts, taus
 
 
-def expert_geometry(regime: str, experts_dir: str | Path | None = None) -> dict:
-    """How far the experts moved and how alike their moves are, over the task vectors' weights.
-
-    ``rel_norm[name]`` = ||tau|| / ||theta_0|| for each expert and the multi-task model (theta_0
-    restricted to the weights tau covers: the LLM's seven linears per layer, shapes (out, in));
-    ``cosine[a][b]`` = <tau_a, tau_b> / (||tau_a|| ||tau_b||) for every pair of experts, and ``cos_sum_multitask`` = cos(sum_i tau_i, tau_multitask).
-    """
-    base = load_expert("base", regime, experts_dir)
-    names = [*TASKS, MULTITASK]
-    taus = {n: task_vector(load_expert(n, regime, experts_dir), base.llm) for n in names}
-    keys = sorted(taus[TASKS[0]])
-    ref = base.llm.state_dict()
-    theta_norm = torch.sqrt(sum(ref[k].float().pow(2).sum() for k in keys))
-    flat = {n: torch.cat([taus[n][k].flatten() for k in keys]).double() for n in names}
-    cosine = {a: {b: float(torch.nn.functional.cosine_similarity(flat[a], flat[b], dim=0)) for b in TASKS}
-              for a in TASKS}
-    summed = torch.stack([flat[t] for t in TASKS]).sum(0)
-    return {"rel_norm": {n: float(flat[n].norm() / theta_norm) for n in names}, "cosine": cosine,
-            "cos_sum_multitask": float(torch.nn.functional.cosine_similarity(summed, flat[MULTITASK], dim=0))}
-
-
-def geometry_summary(geometry: dict[str, dict]) -> pd.DataFrame:
-    """Per regime: ||tau|| / ||theta_0|| of each model, the range of the experts' pairwise cosines, and
-    cos(sum of the experts' task vectors, the multi-task model's)."""
-    rows = {}
-    for regime, g in geometry.items():
-        pairs = [g["cosine"][a][b] for i, a in enumerate(TASKS) for b in TASKS[i + 1:]]
-        rows[regime] = {**{f"norm:{m}": v for m, v in g["rel_norm"].items()}, "cosine_min": min(pairs),
-                        "cosine_max": max(pairs), "cos_sum_multitask": g["cos_sum_multitask"]}
-    return pd.DataFrame(rows)
-
-
 #: Rows of a capability table whose validation accuracy per task is kept too (the lambda explorer's references).
 REFERENCES = ("base", "multitask")
 

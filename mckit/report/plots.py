@@ -318,7 +318,7 @@ def plot_seeds(frame: pd.DataFrame, title: str) -> plt.Figure:
 
 def plot_expert_geometry(geometry: dict[str, dict]) -> plt.Figure:
     """Left: ||tau|| / ||theta_0|| of each expert and the multi-task model, per regime; then, per regime,
-    the cosines between the experts' task vectors (from :func:`mckit.experiments.merging_zoo.expert_geometry`)."""
+    the cosines between the experts' task vectors (from :func:`mckit.experiments.recipe.expert_geometry`)."""
     regimes = list(geometry)
     fig, axes = plt.subplots(1, 1 + len(regimes), figsize=(4.6 * (1 + len(regimes)), 3.8))
     norms = pd.DataFrame([{"model": m, "regime": r, "rel_norm": v} for r, g in geometry.items()

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 
 from mckit.models.shipped import accuracy_table, world_record
-from mckit.storage.cpus import usable_cpus
 from mckit.storage.atomic import atomic_dir, atomic_write_text
+from mckit.storage.cpus import usable_cpus
 from mckit.storage.paths import NOTEBOOKS_DIR
 
 if TYPE_CHECKING:
@@ -220,7 +220,7 @@ def markdown(frame: "pd.DataFrame", digits: int = 2) -> list[str]:
 
 def zoo_section(zoo: dict) -> list[str]:
     """REPORT.md: the merging benchmark beside the paper (capabilities, rank ratio, modality merging)."""
-    from mckit.experiments import merging_zoo
+    from mckit.experiments import merging_zoo, recipe
 
     lines = ["## The merging-algorithm zoo (capability experts, test items, exact match)", "",
              f"Mean accuracy (%) over the five capability tasks ({zoo['n_test_per_task']} test items per task; "
@@ -228,8 +228,11 @@ def zoo_section(zoo: dict) -> list[str]:
              + "; ".join(f"{r}: {m}" for r, m in merging_zoo.PAPER["capabilities_models"].items()) + ".", ""]
     lines += markdown(merging_zoo.capability_summary(zoo["capabilities"]))
     if zoo.get("geometry"):
-        lines += ["", "How far the models moved (||tau|| / ||theta_0||) and how alike the experts' task vectors are:", ""]
-        lines += markdown(merging_zoo.geometry_summary(zoo["geometry"]), 3)
+        lines += ["", "How far the models moved (||tau|| / ||theta_0||) and how alike the experts' task vectors are:",
+                  ""]
+        lines += markdown(recipe.geometry_summary(zoo["geometry"]), 3)
+    lines += ["", "What merging needs from the experts (`met`: the target holds on these experts):", ""]
+    lines += markdown(recipe.targets_table(zoo["capabilities"]), 3)
     for regime, table in zoo["capabilities"].items():
         lines += ["", f"Per task, {regime} fine-tuning:", ""]
         lines += markdown(merging_zoo.task_table(merging_zoo.capability_frame(table, regime)), 3)
