@@ -137,6 +137,20 @@ def write_part(parts: str | Path | None, name: str, obj: dict) -> Path | None:
 
 #: The papers' numbers the kit's are shown beside (METHODS.md 5; MMER, 7B models, %).
 PAPER = {"retention": {"naivemc": {"accuracies": 0.883, "scores": 0.975}}}
+#: The previous world (text pretraining without the letter drill, lr 3e-3; experts trained 600 + 150 steps at
+#: 1e-3 without replay), as its own `make reproduce` measured it: one line each, for comparison.
+PREVIOUS_WORLD = (
+    "MCUB-4 (400 items): NaiveMC 0.245 `letter`, 0.660 `option_score`; best single 0.268 / 0.448; gap -2.3 / "
+    "+21.3 points (seeds 0-2: +21.3, +20.0, +17.5 under `option_score`).",
+    "Every MCUB split under `letter`: every system 0.21-0.29 (chance 0.25): the base LM never bound a letter.",
+    "Retention (Eq. 8): NaiveMC 0.611, dilution control 0.436.",
+    "Describe-it conflict: NaiveMC follows another modality's meaning 0.70 / 0.72 / 0.64 / 0.16 of the time "
+    "(image / audio / video / point).",
+    "Capability merging, full FT (mean %): base 59.1, multi-task 62.1, task arithmetic 59.0 (lambda 0.1), best merge "
+    "TIES / DARE-TIES 59.9; every method chose lambda 0.1.",
+    "Capability merging, LoRA (mean %): base 59.1, multi-task 60.9, best merge TIES / Iso-C 59.6.",
+    "Modality merging (MCUB-3 i-a-v, option score %): NaiveMC 55.5, task arithmetic 58.3, TIES 60.0.",
+)
 
 
 def world_models(record: dict) -> dict:
@@ -280,6 +294,7 @@ def report(results: dict) -> str:
             for task, r in tasks.items():
                 lines.append(f"| {mod} | {variant} | {task} | {r['acc']:.3f} | {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}"
                              f" | {r['n']} | {r['chance']:.3f} |")
+    lines += ["", "## The previous world, for comparison", ""] + [f"- {line}" for line in PREVIOUS_WORLD]
     lines += notebook_section(results["notebook_runs"], results.get("cpus"))
     return "\n".join(lines) + "\n"
 
