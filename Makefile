@@ -24,15 +24,15 @@ test: $(STAMP)
 lab: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m jupyter lab notebooks
 
-# Rebuild the toy world's trained checkpoints under data/world (about 26 min on 2 cores).
+# Rebuild the toy world's trained checkpoints under data/world (44 min on one core).
 world: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m mckit build-world --out data/world --overwrite
 
-# Stage-2 replicas of the world's LoRA models with training seeds 1 and 2 (about 6 min).
+# Stage-2 replicas of the world's LoRA models with training seeds 1 and 2 (13 min on one core).
 seeds: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m mckit build-seeds --world data/world --seeds 1 2 --overwrite
 
-# The capability experts of the merging benchmark under data/experts (about 10 min).
+# The capability experts of the merging benchmark under data/experts (19 min on one core).
 experts: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m mckit build-experts --out data/experts --overwrite
 
