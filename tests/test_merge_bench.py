@@ -119,6 +119,8 @@ def test_recipe_targets_read_the_table_as_the_targets_say():
     low = got.loc[f"{best}: 95% CI low - base (points)"]
     assert low["value"] == pytest.approx(100 * (recipe.wilson(440, 1000)[0] - 0.40)) and low["met"]
     assert got["met"].tolist() == [True] * 5 + [True, True, True, True, False]
+    only_ties = recipe.recipe_targets({n: r for n, r in table.items() if n != "task_arithmetic"})
+    assert len(only_ties) == len(got) - 1 and not only_ties["criterion"].str.contains("task arithmetic").any()
 
 
 def test_an_expert_replays_the_other_tasks_with_the_base_answers(smoke_experts, world, monkeypatch):

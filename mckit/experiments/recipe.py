@@ -57,22 +57,28 @@ def recipe_targets(table: dict[str, dict]) -> pd.DataFrame:
             for t in TASKS]
     gain_mt = mean[MULTITASK]["acc"] - base
     rows.append({"criterion": "multitask: mean - base (points)", "value": 100 * gain_mt, "target": 8})
-    ta = table["task_arithmetic"]["val"]
-    rows.append({"criterion": "task arithmetic: val at lambda 1.0 / best val", "value": ta["1.0"] / max(ta.values()),
-                 "target": 0.9})
+    if "task_arithmetic" in table:
+        ta = table["task_arithmetic"]["val"]
+        rows.append({"criterion": "task arithmetic: val at lambda 1.0 / best val",
+                     "value": ta["1.0"] / max(ta.values()), "target": 0.9})
     merged = {n: r["val"][str(r["lam"])] for n, r in table.items() if r.get("val")}
-    best = max(merged, key=merged.get)
-    low = wilson(round(mean[best]["acc"] * mean[best]["n"]), mean[best]["n"])[0]
-    rows.append({"criterion": f"best merge ({best}): mean - base (points)", "value": 100 * (mean[best]["acc"] - base),
-                 "target": 3})
-    rows.append({"criterion": f"best merge ({best}): 95% CI low - base (points)", "value": 100 * (low - base),
-                 "target": 0})
-    rows.append({"criterion": f"best merge ({best}): share of the multi-task gain",
-                 "value": (mean[best]["acc"] - base) / gain_mt if gain_mt > 0 else float("nan"), "target": 0.5})
+    if merged:
+        rows += _best_merge_rows(mean, max(merged, key=merged.get), base, gain_mt)
     frame = pd.DataFrame(rows)
     frame["met"] = frame["value"] >= frame["target"]
     frame.loc[frame["criterion"].str.contains("CI low"), "met"] = frame["value"] > 0       # strictly above
     return frame
+
+
+def _best_merge_rows(mean: dict[str, dict], best: str, base: float, gain_mt: float) -> list[dict]:
+    """The best merge's gain over the base, its 95% interval's low end over the base, its share of the
+    multi-task gain."""
+    low = wilson(round(mean[best]["acc"] * mean[best]["n"]), mean[best]["n"])[0]
+    return [{"criterion": f"best merge ({best}): mean - base (points)", "value": 100 * (mean[best]["acc"] - base),
+             "target": 3},
+            {"criterion": f"best merge ({best}): 95% CI low - base (points)", "value": 100 * (low - base), "target": 0},
+            {"criterion": f"best merge ({best}): share of the multi-task gain",
+             "value": (mean[best]["acc"] - base) / gain_mt if gain_mt > 0 else float("nan"), "target": 0.5}]
 
 
 def geometry_summary(geometry: dict[str, dict]) -> pd.DataFrame:
