@@ -63,13 +63,14 @@ from mckit.world.entities import World
 class ExpertsConfig(Presets):
     """Steps and learning rates of the experts' build (``full``: shipped; ``smoke``: a fast pipeline check).
 
-    The recipe, and why (measured on the toy world, full fine-tuning, 200 test items per task):
-    a short projector alignment (150 steps) and a short, slow generalist stage (40 steps at 3e-4)
-    leave the base headroom on every task (five-task mean 0.34 against the multi-task model's 0.57;
-    a base trained 600 + 150 steps at 1e-3 scored 0.59 and left the experts 3 points to gain);
-    experts and the multi-task model train at 3e-4; and each expert's image items are 20% the other
-    four tasks (``replay``, gold answers), without which every expert forgets the other tasks and
-    no merge beats the base by more than 2 points.
+    The recipe, and why (full fine-tuning, 200 test items per task): a short projector alignment
+    (150 steps) and a short, slow generalist stage (40 steps at 3e-4) leave the base headroom (on
+    the previous world's base LM: five-task mean 0.34 against the multi-task model's 0.57, where
+    600 + 150 steps at 1e-3 gave 0.59 and left the experts 3 points; on the shipped world's stronger
+    base LM: 0.556 against 0.637, with geometry and chart near their ceiling); experts and the
+    multi-task model train at 3e-4; and each expert's image items are 20% the other four tasks
+    (``replay``, gold answers), without which every expert forgets the other tasks and no merge
+    beats the base by more than 2 points.
     """
 
     seed: int = 0
