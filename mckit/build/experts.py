@@ -176,7 +176,7 @@ def train_capabilities(model: MLLM, world: World, tasks: tuple[str, ...], mode: 
     if not params:
         raise ValueError("nothing to train: mode 'frozen' needs projector=True")
     n_text = int(round(batch * text_share))
-    others = [t for t in TASKS if t not in tasks and pool and t in pool]
+    others = [t for t in TASKS if t not in tasks and t in (pool or {})]
 
     def image_items(n: int) -> list[CapabilityItem]:
         n_replay = int(rng.binomial(n, replay)) if others else 0

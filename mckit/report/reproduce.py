@@ -268,7 +268,8 @@ def report(results: dict) -> str:
                   "the comparison: NaiveMC against the best single-modality model on each split.", ""]
         for key, protocol in (("mcub", "letter"), ("mcub_named_letter", "named_letter"),
                               ("mcub_option_score", "option_score")):
-            lines += mcub_table(results[key], protocol) + [""] if key in results else []
+            if key in results:
+                lines += mcub_table(results[key], protocol) + [""]
         lines += ["", "| protocol | split | NaiveMC | best single | gap (points) |", "|---|---|---|---|---|"]
         lines += [f"| {h['protocol']} | {h['split']} | {h['naivemc']:.3f} | {h['best_single']:.3f} "
                   f"({h['best_single_system']}) | {h['gap_points']:+.1f} |" for h in results["headline"]]

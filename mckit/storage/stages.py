@@ -17,6 +17,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from mckit.storage.atomic import atomic_write_text
+
 
 class Stages:
     """The finished stages of one build of ``out`` with settings ``key`` (JSON-serialisable)."""
@@ -28,7 +30,7 @@ class Stages:
         if self.root.exists() and (not key_file.is_file() or json.loads(key_file.read_text()) != _plain(key)):
             shutil.rmtree(self.root)
         (self.root / "meta").mkdir(parents=True, exist_ok=True)
-        key_file.write_text(json.dumps(_plain(key), indent=1))
+        atomic_write_text(key_file, json.dumps(_plain(key), indent=1))
 
     def done(self, name: str) -> dict | None:
         """The record a finished stage ``name`` left, or None when it has not finished."""
@@ -57,10 +59,9 @@ class Stages:
         tmp.rename(final)
 
     def finish(self, name: str, record: dict) -> None:
-        """Mark stage ``name`` finished with its ``record`` (written last: a stage without it is redone)."""
-        meta = self._meta(name)
-        meta.parent.mkdir(parents=True, exist_ok=True)
-        meta.write_text(json.dumps(record))
+        """Mark stage ``name`` finished with its ``record`` (written last and whole: a stage without it is
+        redone)."""
+        atomic_write_text(self._meta(name), json.dumps(record))
 
     def move_into(self, out: Path, names: list[str]) -> None:
         """Move the files of the finished stages ``names`` to the same relative places under ``out``."""
