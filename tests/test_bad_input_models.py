@@ -108,7 +108,7 @@ CHECKPOINT_CASES = [
     ("no llm entry", _meta(lambda m: m.pop("llm")), r"m/mllm\.json: no 'llm' entry"),
     ("llm entry not an object", _meta(lambda m: m.update(llm="llm")), r"m/mllm\.json: no 'llm' entry"),
     ("unknown llm kind", _meta(lambda m: m["llm"].update(kind="merged")),
-     r"m/mllm\.json: 'llm' kind 'merged', expected one of \['base', 'full', 'lora'\]"),
+     r"m/mllm\.json: 'llm' kind 'merged', expected one of \['base', 'decoupled', 'full', 'lora'\]"),
     ("full llm without path", _meta(lambda m: m["llm"].pop("path")),
      r"m/mllm\.json: 'llm' entry of kind 'full' needs a 'path' path"),
     ("no modalities", _meta(lambda m: m.pop("modalities")), r"m/mllm\.json: no 'modalities' entry"),

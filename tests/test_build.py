@@ -125,3 +125,19 @@ def test_replicas_retrain_stage2_with_other_seeds(tmp_path):
         train_replicas(out, [0])
     with pytest.raises(FileNotFoundError, match="build-seeds"):
         shipped.load_model("point", "lora", out, seed=7)
+
+
+def test_decoupled_variant_is_built_for_seed_0_and_each_model_kept_as_it_finishes(tmp_path, monkeypatch):
+    import mckit.build.world as build
+    from mckit.models.decoupled import is_decoupled
+
+    out = tmp_path / "world"
+    build_world(out, micro())
+    record = build.train_replicas(out, [0], "decoupled")
+    assert set(record["models"]) == {"point-decoupled"}
+    assert is_decoupled(shipped.load_model("point", "decoupled", out).llm)
+    calls: list = []
+    monkeypatch.setattr(build, "train_stage2", counted(build.train_stage2, calls))
+    record = build.train_replicas(out, [0, 1], "decoupled")               # seed 0 is kept, seed 1 trained
+    assert len(calls) == 1 and set(record["models"]) == {"point-decoupled", "point-decoupled-s1"}
+    assert shipped.replica_seeds("decoupled", out) == [0, 1]

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from mckit.build.staging import load_branch, load_stage, run_stage
 from mckit.eval.single import evaluate_binding, evaluate_single
 from mckit.models.checkpoints import load_llm, load_tokenizer_dir, save_mllm
+from mckit.models.decoupled import decouple
 from mckit.models.encoders import pretrain_encoder, probe_accuracy
 from mckit.models.mllm import MLLM, toy_branch
 from mckit.models.training import (
@@ -178,39 +179,51 @@ def train_replicas(world_dir: str | Path, seeds: list[int], variant: str = "lora
     ``replicas.json`` (held-out accuracies per replica, wall times).
     """
     from mckit.models.checkpoints import load_mllm
-    from mckit.models.shipped import load_base, load_world, model_dir_name, world_record
+    from mckit.models.shipped import DECOUPLED, load_base, load_world, model_dir_name, world_record
 
-    if 0 in seeds:
+    if 0 in seeds and variant != DECOUPLED:
         raise ValueError("seed 0 is the world's own training seed; replicas need other seeds")
     world_dir = Path(world_dir)
     rec = world_record(world_dir)
     cfg = BuildConfig(**{**rec["config"], "modalities": tuple(rec["config"]["modalities"])})
-    for mod in cfg.modalities:                    # refuse before hours of training, not after
-        for seed in seeds:
-            check_replaceable(world_dir / "models" / model_dir_name(mod, variant, seed), overwrite)
-    world, base_llm = load_world(world_dir), load_base(world_dir)
     record_file = world_dir / "replicas.json"
     record = json.loads(record_file.read_text()) if record_file.is_file() else {"models": {}, "seconds": {}}
-    for mod in tqdm(cfg.modalities, desc="replicas"):
+    todo = {mod: [s for s in seeds if overwrite or not _replica_done(world_dir, record, mod, variant, s)]
+            for mod in cfg.modalities}
+    for mod, mod_seeds in todo.items():           # refuse before hours of training, not after
+        for seed in mod_seeds:
+            check_replaceable(world_dir / "models" / model_dir_name(mod, variant, seed), overwrite)
+    world, base_llm = load_world(world_dir), load_base(world_dir)
+    for mod in tqdm([m for m in cfg.modalities if todo[m]], desc="replicas"):
         stage1 = load_mllm(world_dir / "models" / f"{mod}-stage1")
         branch = stage1.branches[mod]
         train = FeatureBank(branch, render_bank(mod, world, cfg.bank_per_entity, TRAIN_RENDER_SEED))
         test = FeatureBank(branch, render_bank(mod, world, max(4, cfg.bank_per_entity // 4), TEST_RENDER_SEED))
-        for seed in seeds:
+        for seed in todo[mod]:
             name = model_dir_name(mod, variant, seed)
             start = time.perf_counter()
             torch.manual_seed(seed)
             model = MLLM(copy.deepcopy(base_llm), stage1.tokenizer, {mod: copy.deepcopy(branch)})
             if variant == "lora":
                 add_lora(model, rank=cfg.lora_rank)
+            if variant == DECOUPLED:
+                model = decouple(model, rank=cfg.lora_rank)
             lr = cfg.full_lr if variant == "full" else cfg.lora_lr
             train_stage2(model, mod, world, train, variant, cfg.stage2_steps, cfg.mllm_batch, lr, seed=seed)
             save_mllm(model, world_dir / "models" / name, base_path=None if variant == "full" else world_dir / "base",
                       overwrite=overwrite)
             record["models"][name] = evaluate_single(model, world, mod, test, cfg.eval_items, cfg.seed)
             record["seconds"][name] = round(time.perf_counter() - start, 1)
-    atomic_write_text(record_file, json.dumps(record, indent=2))
+            atomic_write_text(record_file, json.dumps(record, indent=2))     # each model kept as it finishes
     return record
+
+
+def _replica_done(world_dir: Path, record: dict, mod: str, variant: str, seed: int) -> bool:
+    """Whether a replica was built and recorded by an earlier (possibly interrupted) run."""
+    from mckit.models.shipped import model_dir_name
+
+    name = model_dir_name(mod, variant, seed)
+    return name in record["models"] and (world_dir / "models" / name / "mllm.json").is_file()
 
 
 def add_parser(sub) -> None:
@@ -226,7 +239,8 @@ def add_replicas_parser(sub) -> None:
     p = sub.add_parser("build-seeds", help="retrain the stage-2 models with other training seeds (replicas)")
     p.add_argument("--world", default="data/world", help="toy world directory (default: data/world)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--variant", default="lora", choices=["lora", "full"])
+    p.add_argument("--variant", default="lora", choices=["lora", "full", "decoupled"],
+                   help="decoupled: DAMC's text + modality LoRAs (seed 0 included: the world has none)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=lambda args: train_replicas(args.world, args.seeds, args.variant, args.overwrite) and 0)
 

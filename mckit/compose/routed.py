@@ -34,7 +34,7 @@ def routed_compose(models, base: torch.nn.Module, deltas: Mapping[str, Mapping[s
     ``model.layers.0.self_attn.q_proj.weight``; a weight missing from a route counts as 0.
     """
     models = as_dict(models)
-    check_models(models)
+    check_models(models, decoupled=None)
     unknown = set(deltas) - {TEXT, *models}
     if unknown:
         raise ValueError(f"deltas for route(s) {sorted(unknown)} that no model provides; routes: text, {list(models)}")

@@ -30,6 +30,7 @@ from mckit.merge.kernels import merge_tensor
 from mckit.merge.methods import lora_delta, task_vector_sum
 from mckit.merge.task_vectors import task_vector
 from mckit.models.checkpoints import CheckpointError
+from mckit.models.decoupled import is_decoupled
 from mckit.models.lora import ADAPTER, folded, is_lora, lora_layers, plain_llm
 from mckit.models.mllm import MLLM
 
@@ -49,14 +50,21 @@ def check_same_base(models: Mapping[str, MLLM], base: torch.nn.Module) -> None:
                                       "from the base's; models can only be composed over one base")
 
 
-def check_models(models: Mapping[str, MLLM]) -> None:
-    """At least one model, each single-modality and keyed by its modality."""
+def check_models(models: Mapping[str, MLLM], decoupled: bool | None = False) -> None:
+    """At least one model, each single-modality and keyed by its modality; ``decoupled``: every model must be
+    one of DAMC's decoupled models (True), none may be (False, the default), or either (None)."""
     if not models:
         raise ValueError("nothing to compose: no models given (an empty list or dict); give at least one model")
     for mod, model in models.items():
         if model.modalities != [mod]:
             raise ValueError(f"models must be single-modality and keyed by their modality; the model under "
                              f"{mod!r} has {model.modalities}")
+        if decoupled is not None and is_decoupled(model.llm) != decoupled:
+            raise ValueError(f"the {mod} model is decoupled (a text and a modality LoRA): compose decoupled models "
+                             "with mckit.compose.damc.damc" if not decoupled else
+                             f"the {mod} model is not decoupled; DAMC composes decoupled models only (variant "
+                             "'decoupled'); for plain LoRA models, damc_inference_only copies one LoRA into both "
+                             "routes")
 
 
 def as_dict(models) -> dict[str, MLLM]:
@@ -89,7 +97,7 @@ def add_deltas(base: torch.nn.Module, deltas: Mapping[str, torch.Tensor]) -> tor
     return llm.eval()
 
 
-def coefficients(lam, n: int) -> list[float]:
+def coefficients(lam, n: int, name: str = "lam") -> list[float]:
     """``lam`` as ``n`` coefficients: one number (the same for every model) or one per model, each finite.
 
     Numpy and torch numbers or arrays are read as Python ones. Raises ValueError naming
@@ -99,10 +107,10 @@ def coefficients(lam, n: int) -> list[float]:
     single = not isinstance(lam, (list, tuple))
     lams = [lam] * n if single else list(lam)
     if len(lams) != n:
-        raise ValueError(f"{len(lams)} coefficients lam for {n} models; give one number or one per model")
+        raise ValueError(f"{len(lams)} coefficients {name} for {n} models; give one number or one per model")
     for i, value in enumerate(lams):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise ValueError(f"coefficient {'lam' if single else f'lam[{i}]'} = {value!r} is not a finite number")
+            raise ValueError(f"coefficient {name if single else f'{name}[{i}]'} = {value!r} is not a finite number")
     return [float(v) for v in lams]
 
 

@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from mckit.models.checkpoints import CheckpointError
+from mckit.models.decoupled import is_decoupled
 from mckit.models.lora import ADAPTER, is_lora, lora_layers
 from mckit.models.mllm import MLLM
 from mckit.models.shipped import load_base, load_model, world_record
@@ -33,6 +34,9 @@ def task_vector(model: MLLM, base: torch.nn.Module) -> dict[str, torch.Tensor]:
     weights are left out). Raises :class:`CheckpointError` naming the tensor if the
     model was not built on ``base``.
     """
+    if is_decoupled(model.llm):
+        raise CheckpointError("this model is decoupled (a text and a modality LoRA, routed per token): it has no "
+                              "single task vector; take its deltas with mckit.models.decoupled.decoupled_deltas")
     lora = is_lora(model.llm)
     weights = lora_deltas(model) if lora else dict(model.llm.state_dict())
     ref = base.state_dict()

@@ -7,6 +7,8 @@ A checkpoint directory holds::
     tokenizer/             the word-level tokenizer (tokenizer.json)
     llm/                   kind "full": a plain transformers checkpoint (config.json + model.safetensors)
     adapter/               kind "lora": a peft adapter over the base LLM at ``path``
+    adapters/{route}/      kind "decoupled": one peft LoRA adapter per route, ``text`` and each modality
+                           (DAMC, :mod:`mckit.models.decoupled`)
 
 Kind "base" (frozen LLM, e.g. after stage 1) only points at the base LLM.
 Paths are relative to the checkpoint, so a copied ``data/world`` keeps working.
@@ -25,16 +27,19 @@ import torch
 from peft import PeftModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from mckit.models.lora import is_lora, quiet_peft
+from mckit.models.decoupled import TEXT, framed, is_decoupled, save_adapter, span_of
+from mckit.models.lora import PEFT_PREFIX, is_lora, quiet_peft
 from mckit.models.mllm import MLLM, Branch, toy_branch
+from mckit.models.routing import LINEARS, LowRankDelta, route_linears
 from mckit.storage.atomic import atomic_dir
 
 FORMAT = "mckit-mllm"
 #: Kinds of the ``llm`` entry of ``mllm.json`` and the paths each needs.
-LLM_KINDS = {"full": ("path",), "lora": ("path", "base"), "base": ("base",)}
+LLM_KINDS = {"full": ("path",), "lora": ("path", "base"), "base": ("base",), "decoupled": ("path", "base")}
 
 
 class CheckpointError(ValueError):
@@ -85,9 +90,9 @@ def save_mllm(model: MLLM, out: str | Path, base_path: str | Path | None = None,
     """Save ``model`` to ``out``. ``base_path`` (the base LLM dir) is needed for kinds lora and base."""
     out = Path(out)
     llm = model.llm
-    kind = "lora" if is_lora(llm) else ("base" if base_path is not None else "full")
-    if kind in ("lora", "base") and base_path is None:
-        raise ValueError("saving a LoRA model needs base_path, the directory of its base LLM")
+    kind = "lora" if is_lora(llm) else "decoupled" if is_decoupled(llm) else "base" if base_path is not None else "full"
+    if kind in ("lora", "decoupled") and base_path is None:
+        raise ValueError(f"saving a {kind} model needs base_path, the directory of its base LLM")
     with atomic_dir(out, overwrite) as tmp:
         save_file(branch_state(model), str(tmp / "branches.safetensors"))
         model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
@@ -100,13 +105,26 @@ def save_mllm(model: MLLM, out: str | Path, base_path: str | Path | None = None,
             if kind == "lora":
                 llm.save_pretrained(str(tmp / "adapter"))
                 llm_entry["path"] = "adapter"
+            if kind == "decoupled":
+                _save_decoupled(model, tmp / "adapters")
+                llm_entry["path"] = "adapters"
         meta = {
             "format": FORMAT,
-            "modalities": {m: {"projector": b.projector_type, "n_tokens": b.n_tokens} for m, b in model.branches.items()},
+            "modalities": {m: {"projector": b.projector_type, "n_tokens": b.n_tokens,
+                               **({"span": span_of(b)} if span_of(b) else {})} for m, b in model.branches.items()},
             "llm": llm_entry,
         }
         (tmp / "mllm.json").write_text(json.dumps(meta, indent=2))
     return out
+
+
+def _save_decoupled(model: MLLM, folder: Path) -> None:
+    """A decoupled model's LoRAs, one peft adapter per route: ``folder/text``, ``folder/{modality}``."""
+    from mckit.models.decoupled import route_factors
+
+    names = {0: TEXT, **{route: mod for mod, route in model.route_ids.items()}}
+    for route, factors in route_factors(model.llm).items():
+        save_adapter(factors, folder / names[route])
 
 
 def read_meta(path: Path) -> dict:
@@ -194,7 +212,8 @@ def load_tokenizer_dir(folder: Path) -> PreTrainedTokenizerFast:
 
 
 def _load_checkpoint_llm(path: Path, entry: dict):
-    """The LLM an ``llm`` entry describes: the checkpoint's own, its base, or its base with a LoRA adapter."""
+    """The LLM an ``llm`` entry describes: the checkpoint's own, its base, or its base with a LoRA adapter (a
+    decoupled model's adapters are attached once its branches give the routes, in :func:`load_mllm`)."""
     if entry["kind"] == "full":
         return load_llm(path / entry["path"])
     llm = load_llm((path / entry["base"]).resolve())
@@ -222,9 +241,62 @@ def load_mllm(path: str | Path, modalities: list[str] | None = None) -> MLLM:
     hidden = llm.get_input_embeddings().weight.shape[1]
     try:
         branches = {m: toy_branch(m, hidden, meta["modalities"][m]["projector"]) for m in wanted}
+        branches = {m: framed(b, hidden, meta["modalities"][m]["span"]) if meta["modalities"][m].get("span") else b
+                    for m, b in branches.items()}
     except ValueError as err:
         raise CheckpointError(f"{path / 'mllm.json'}: {err}") from None
     load_branch_state(branches, load_tensors(path / "branches.safetensors"), path / "branches.safetensors")
     model = MLLM(llm, tokenizer, branches).eval()
+    if meta["llm"]["kind"] == "decoupled":
+        _attach_decoupled(model, path / meta["llm"]["path"])
     model.requires_grad_(False)
     return model
+
+
+def _attach_decoupled(model: MLLM, folder: Path) -> None:
+    """Route the model's LLM through the adapters under ``folder``: ``text`` and one per modality of the model."""
+    routes = {TEXT: 0, **model.route_ids}
+    present = sorted(d.name for d in folder.iterdir() if d.is_dir()) if folder.is_dir() else []
+    missing = [name for name in routes if name not in present]
+    if missing:
+        raise CheckpointError(f"{folder}: no LoRA adapter for route {missing[0]!r}; the decoupled model has "
+                              f"{present}")
+    attach_adapters(model.llm, {route: read_adapter(folder / name) for name, route in routes.items()},
+                    model.route_state)
+
+
+def read_adapter(folder: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+    """A peft LoRA adapter folder -> ({weight name: (A, B)}, scale = alpha / r)."""
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"missing LoRA adapter config {config_file}")
+    config = json.loads(config_file.read_text())
+    tensors = load_tensors(folder / "adapter_model.safetensors")
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key in tensors:
+        if key.endswith(".lora_A.weight"):
+            stem = key.removesuffix(".lora_A.weight")
+            if f"{stem}.lora_B.weight" not in tensors:
+                raise CheckpointError(f"{folder}: tensor {stem}.lora_B.weight is missing")
+            pairs[stem.removeprefix(PEFT_PREFIX) + ".weight"] = (tensors[key], tensors[f"{stem}.lora_B.weight"])
+    if not pairs:
+        raise CheckpointError(f"{folder}: no LoRA tensors in adapter_model.safetensors")
+    return pairs, config["lora_alpha"] / config["r"]
+
+
+def attach_adapters(llm: nn.Module, adapters: dict[int, tuple[dict, float]], state) -> None:
+    """Route ``llm``'s linears through frozen low-rank deltas read by :func:`read_adapter`: route id ->
+    (pairs, scale)."""
+    modules = dict(llm.named_modules())
+    deltas: dict[int, dict[str, nn.Module]] = {}
+    for route, (pairs, scale) in adapters.items():
+        for weight, (A, B) in pairs.items():
+            name = weight.removesuffix(".weight")
+            linear = modules.get(name)
+            if not isinstance(linear, nn.Linear) or name.rsplit(".", 1)[-1] not in LINEARS:
+                raise CheckpointError(f"LoRA tensor for {weight!r} (route {route}): no such linear in the LLM")
+            if A.shape[1] != linear.in_features or B.shape[0] != linear.out_features or A.shape[0] != B.shape[1]:
+                raise CheckpointError(f"LoRA tensors for {weight!r} (route {route}): A {tuple(A.shape)}, "
+                                      f"B {tuple(B.shape)} do not fit the linear {tuple(linear.weight.shape)}")
+            deltas.setdefault(route, {})[name] = LowRankDelta(A, B, scale)
+    route_linears(llm, deltas, state)

@@ -20,6 +20,9 @@ from mckit.world.capabilities import TASKS
 from mckit.world.entities import World, make_world
 
 VARIANTS = ("stage1", "frozen", "lora", "full")
+#: DAMC's decoupled variant (a text and a modality LoRA, routed per token), built after the world
+#: (``python -m mckit build-seeds --variant decoupled --seeds 0 1 2``) on its stage-1 models.
+DECOUPLED = "decoupled"
 
 
 def default_world_dir() -> Path:
@@ -71,15 +74,16 @@ def model_dir_name(modality: str, variant: str, seed: int = 0) -> str:
 
 
 def load_model(modality: str, variant: str = "full", path: str | Path | None = None, seed: int = 0) -> MLLM:
-    """One single-modality MLLM of the shipped world: ``variant`` in stage1 | frozen | lora | full.
+    """One single-modality MLLM of the shipped world: ``variant`` in stage1 | frozen | lora | full | decoupled.
 
     ``seed`` > 0 picks a stage-2 replica trained with another seed (``python -m mckit build-seeds``).
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    if variant not in (*VARIANTS, DECOUPLED):
+        raise ValueError(f"unknown variant {variant!r}; expected one of {(*VARIANTS, DECOUPLED)}")
     ckpt = _dir(path) / "models" / model_dir_name(modality, variant, seed)
     if not ckpt.is_dir():
-        hint = " (build it with `python -m mckit build-seeds`)" if seed else ""
+        hint = (f" (build it with `python -m mckit build-seeds --variant {variant} --seeds {seed}`)"
+                if seed or variant == DECOUPLED else "")
         raise FileNotFoundError(f"no {variant} model for modality {modality!r} and seed {seed} at {ckpt}{hint}")
     return load_mllm(ckpt)
 

@@ -177,7 +177,8 @@ def add_lora(model: MLLM, rank: int = 32, alpha: int | None = None, dropout: flo
 
 
 def llm_trainable(model: MLLM, mode: str) -> list[torch.nn.Parameter]:
-    """Stage-2 LLM parameters: LoRA A/B (``"lora"``), the seven linears' weights (``"full"``) or none."""
+    """Stage-2 LLM parameters: LoRA A/B (``"lora"``), the seven linears' weights (``"full"``), the text and
+    modality LoRAs of a decoupled model (``"decoupled"``, :mod:`mckit.models.decoupled`) or none."""
     model.llm.requires_grad_(False)
     if mode == "frozen":
         return []
@@ -185,8 +186,12 @@ def llm_trainable(model: MLLM, mode: str) -> list[torch.nn.Parameter]:
         params = [p for n, p in model.llm.named_parameters() if is_lora_parameter(n)]
     elif mode == "full":
         params = [p for n, p in model.llm.named_parameters() if n.endswith(".weight") and n.split(".")[-2] in LINEARS]
+    elif mode == "decoupled":
+        params = [p for n, p in model.llm.named_parameters() if ".deltas." in n]
+        if not params:
+            raise ValueError("mode 'decoupled' needs a decoupled LLM (mckit.models.decoupled.decouple)")
     else:
-        raise ValueError(f"stage-2 mode must be one of {STAGE2_MODES}, got {mode!r}")
+        raise ValueError(f"stage-2 mode must be one of {(*STAGE2_MODES, 'decoupled')}, got {mode!r}")
     for p in params:
         p.requires_grad_(True)
     return params
