@@ -9,6 +9,9 @@ Systems (keys of results.json):
 - ``control:dilution:m``        theta_0 + tau_m / N with branch m only
 - ``control:all_projectors:m``  model m's LLM fed every input through its source model's projector
 - ``control:frozen_stage2``     base LLM + projectors trained on the instruction data (LLM frozen)
+- ``damc``, ``damc_ties``       DAMC over the decoupled models (text LoRAs averaged, or merged by TIES);
+  ``damc_tuned``                with per-modality lambdas (given: chosen by :mod:`mckit.experiments.damc`);
+  ``damc_inference_only``       decoupling at inference only: text on NaiveMC, each input on its own LoRA
 
 Retention (Eq. 8 of MMER, METHODS.md 5): mean over (modality, task) of
 acc(system) / acc(original single model) on the single-modality test sets.
@@ -25,6 +28,8 @@ import pandas as pd
 import torch
 
 from mckit.compose import static as compose
+from mckit.compose.damc import damc
+from mckit.compose.routed import modality_routed
 from mckit.eval.mcub import SPLITS, MCUBItem, load_benchmark, one_entity_oracle
 from mckit.eval.protocols import (
     OPTION_SCORE,
@@ -35,7 +40,7 @@ from mckit.eval.protocols import (
     generated_answers,
 )
 from mckit.models.mllm import MLLM
-from mckit.models.shipped import load_base, load_model
+from mckit.models.shipped import DECOUPLED, load_base, load_model
 from mckit.world.entities import FAMILIES, World
 from mckit.world.tasks import NATIVE_FAMILY
 
@@ -54,14 +59,14 @@ class Systems:
     def model(self, modality: str, variant: str | None = None) -> MLLM:
         key = (modality, variant or self.variant)
         if key not in self._models:
-            seed = self.seed if key[1] == self.variant else 0
+            seed = self.seed if key[1] in (self.variant, DECOUPLED) else 0
             self._models[key] = load_model(modality, key[1], self.world_dir, seed)
         return self._models[key]
 
     def sources(self, modalities: Iterable[str], variant: str | None = None) -> dict[str, MLLM]:
         return {m: self.model(m, variant) for m in modalities}
 
-    def build(self, name: str, modalities: tuple[str, ...], lam: float | None = None) -> MLLM:
+    def build(self, name: str, modalities: tuple[str, ...], lam: float | list[float] | None = None) -> MLLM:
         """The system called ``name`` over ``modalities`` (see the module docstring), on ``self.device``."""
         if name.startswith("single:"):
             model = self.model(name.removeprefix("single:"))
@@ -79,6 +84,13 @@ class Systems:
                                                    self.sources(modalities))
         elif name == "control:frozen_stage2":
             model = compose.frozen_compose(self.sources(modalities, "frozen"), self.base)
+        elif name == "damc_inference_only":
+            model = modality_routed(self.sources(modalities), self.base)
+        elif name in ("damc", "damc_tuned", "damc_ties"):
+            if name == "damc_tuned" and lam is None:
+                raise ValueError("damc_tuned needs its lambdas (one per modality)")
+            model = damc(self.sources(modalities, DECOUPLED), self.base, lam if name == "damc_tuned" else None,
+                         text_method="ties" if name == "damc_ties" else "average")
         else:
             raise ValueError(f"unknown system {name!r}")
         return model.to(self.device).eval()
@@ -197,19 +209,21 @@ def headline(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def single_answers(systems: Systems, modalities: tuple[str, ...], n: int | None = None,
-                   bench_dir: str | Path | None = None) -> dict[str, dict]:
+                   bench_dir: str | Path | None = None, decoupled: bool = False) -> dict[str, dict]:
     """Greedy answers on each modality's own test items (the first ``n``), once per compared system.
 
     ``{modality: {"items": [...], "answers": {system: [...]}}}`` for the original
-    model, NaiveMC and the dilution control; :func:`single_task_results` and
-    :func:`describe_conflict` score them.
+    model, NaiveMC and the dilution control (``decoupled``: also DAMC and its sources, the decoupled
+    models, as ``original:decoupled``); :func:`single_task_results` and :func:`describe_conflict` score them.
     """
-    naive = systems.build("naivemc", modalities)
+    composed = {name: systems.build(name, modalities) for name in ("naivemc", *(("damc",) if decoupled else ()))}
     out: dict[str, dict] = {}
     for mod in modalities:
         items = load_benchmark(f"single/{mod}", "test", bench_dir)[:n]
-        models = {"original": systems.build(f"single:{mod}", modalities), "naivemc": naive,
+        models = {"original": systems.build(f"single:{mod}", modalities), **composed,
                   "control:dilution": systems.build(f"control:dilution:{mod}", modalities)}
+        if decoupled:
+            models["original:decoupled"] = systems.model(mod, DECOUPLED)
         out[mod] = {"items": items, "answers": {name: generated_answers(m, items) for name, m in models.items()}}
     return out
 
@@ -275,10 +289,14 @@ def seed_table(seeds: Iterable[int], split: str = "MCUB-4", n: int | None = None
     return pd.DataFrame(rows)
 
 
-def retention(single: dict[str, dict[str, dict]], system: str) -> float:
-    """Eq. 8: mean over (modality, task) of acc(system) / acc(original); tasks the original fails are skipped."""
-    ratios = [r["acc"] / single[m]["original"][t]["acc"]
-              for m in single for t, r in single[m][system].items() if single[m]["original"][t]["acc"] > 0]
+def retention(single: dict[str, dict[str, dict]], system: str, original: str = "original") -> float:
+    """Eq. 8: mean over (modality, task) of acc(system) / acc(original); tasks the original fails are skipped.
+
+    ``original``: the row of the source models (``"original"``: the ``variant`` models; DAMC's are the
+    decoupled ones).
+    """
+    ratios = [r["acc"] / single[m][original][t]["acc"]
+              for m in single for t, r in single[m][system].items() if single[m][original][t]["acc"] > 0]
     return float(np.mean(ratios))
 
 

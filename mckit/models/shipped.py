@@ -88,6 +88,17 @@ def load_model(modality: str, variant: str = "full", path: str | Path | None = N
     return load_mllm(ckpt)
 
 
+def has_model(modality: str, variant: str, path: str | Path | None = None, seed: int = 0) -> bool:
+    """Whether the world holds the ``variant`` model of ``modality`` for training ``seed``."""
+    return (_dir(path) / "models" / model_dir_name(modality, variant, seed) / "mllm.json").is_file()
+
+
+def replicas_record(path: str | Path | None = None) -> dict:
+    """``replicas.json``: held-out accuracies and wall times of the models built after the world (empty if none)."""
+    file = _dir(path) / "replicas.json"
+    return json.loads(file.read_text()) if file.is_file() else {"models": {}, "seconds": {}}
+
+
 def replica_seeds(variant: str = "lora", path: str | Path | None = None) -> list[int]:
     """Training seeds with a complete set of ``variant`` models in the world: 0 and every built replica."""
     models = _dir(path) / "models"

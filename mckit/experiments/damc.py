@@ -1,0 +1,182 @@
+"""DAMC on the toy world (METHODS.md 3): its systems on MCUB, lambdas chosen on validation, retention, conflict.
+
+Systems (built by :class:`mckit.experiments.composition.Systems`), beside NaiveMC over the same
+splits:
+
+- ``damc``                 text LoRAs averaged (lambda_i = 1/N), modality LoRAs kept;
+- ``damc_tuned``           lambda_i per modality chosen on the split's validation items
+                           (:func:`tune_lambdas`: coordinate ascent over :data:`LAMBDA_GRID`);
+- ``damc_fallback``        lambda_i from each decoupled model's own held-out single-modality score,
+                           the paper's choice without a validation set (:func:`fallback_lambdas`);
+- ``damc_ties``            TIES instead of averaging the text LoRAs;
+- ``damc_inference_only``  NaiveMC's LoRA models, decoupled at inference only: text on the averaged
+                           LoRAs, each input on its own model's LoRA (no decoupled training).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mckit.eval.mcub import SPLITS, load_benchmark
+from mckit.eval.protocols import OPTION_SCORE, PROTOCOLS, evaluate_items
+from mckit.experiments.composition import Systems, describe_conflict, retention, single_answers, single_task_results
+from mckit.models.shipped import DECOUPLED, has_model, model_dir_name, replica_seeds, replicas_record
+
+#: The DAMC systems of the tables, in display order (NaiveMC is shown beside them).
+DAMC_SYSTEMS = ("damc", "damc_tuned", "damc_fallback", "damc_ties", "damc_inference_only")
+#: Values each modality's lambda may take in :func:`tune_lambdas`.
+LAMBDA_GRID = (0.1, 0.25, 0.5, 0.75, 1.0)
+
+
+def _no_tick(label: str) -> None:
+    """Default progress callback: nothing."""
+
+
+def has_decoupled(modalities: Iterable[str], world_dir: str | Path | None = None, seed: int = 0) -> bool:
+    """Whether the world holds a decoupled model of every one of ``modalities`` for training ``seed``."""
+    return all(has_model(m, DECOUPLED, world_dir, seed) for m in modalities)
+
+
+def tune_lambdas(systems: Systems, modalities: tuple[str, ...], val: list, protocol: str = OPTION_SCORE,
+                 grid: Iterable[float] = LAMBDA_GRID, tick: Callable[[str], None] = _no_tick) -> dict:
+    """Per-modality lambdas for ``damc_tuned`` by coordinate ascent on ``val`` (never test).
+
+    Start at lambda_i = 1/N; for each modality in turn, try every ``grid`` value with the
+    others fixed and keep the best (a tie keeps the current value). One pass, 1 + N * |grid|
+    compositions (fewer: the current value is not scored twice). Returns ``{"lam": [...],
+    "val": best score, "trace": [{"modality", "lam", "score"}, ...]}``.
+    """
+    n = len(modalities)
+    lams = [1.0 / n] * n
+    scored: dict[tuple[float, ...], float] = {}
+
+    def score(candidate: list[float]) -> float:
+        key = tuple(round(v, 6) for v in candidate)
+        if key not in scored:
+            scored[key] = evaluate_items(systems.build("damc_tuned", modalities, candidate), val, protocol)["acc"]
+            tick(f"lambdas {key}")
+        return scored[key]
+
+    best = score(lams)
+    trace = [{"modality": "all", "lam": 1.0 / n, "score": best}]
+    for i, mod in enumerate(modalities):
+        for value in grid:
+            candidate = lams[:i] + [float(value)] + lams[i + 1:]
+            s = score(candidate)
+            trace.append({"modality": mod, "lam": float(value), "score": s})
+            if s > best:
+                best, lams = s, candidate
+    return {"lam": lams, "val": best, "trace": trace}
+
+
+def tuning_steps(modalities: tuple[str, ...], grid: Iterable[float] = LAMBDA_GRID) -> int:
+    """The most compositions :func:`tune_lambdas` scores (progress bars' totals)."""
+    return 1 + len(modalities) * len(tuple(grid))
+
+
+def fallback_lambdas(modalities: tuple[str, ...], world_dir: str | Path | None = None, seed: int = 0) -> list[float]:
+    """lambda_i = s_i / sum_j s_j, s_i the decoupled model i's mean held-out accuracy over its own tasks
+    (recorded when it was built, ``replicas.json``): the paper's choice when the target task has no
+    validation set."""
+    record = replicas_record(world_dir)
+    scores = []
+    for mod in modalities:
+        name = model_dir_name(mod, DECOUPLED, seed)
+        if name not in record["models"]:
+            raise FileNotFoundError(f"no held-out record of {name} in replicas.json; build it with "
+                                    f"`python -m mckit build-seeds --variant decoupled --seeds {seed}`")
+        scores.append(float(np.mean([r["acc"] for r in record["models"][name].values()])))
+    return [s / sum(scores) for s in scores]
+
+
+def damc_split(systems: Systems, split: str, n: int | None = None, protocols: tuple[str, ...] = PROTOCOLS,
+               bench_dir: str | Path | None = None, tick: Callable[[str], None] = _no_tick) -> dict:
+    """NaiveMC and every DAMC system on the first ``n`` test items of ``split``; lambdas tuned on its first
+    ``n`` validation items under option scoring (the protocol every system answers).
+
+    ``{"results": {protocol: {system: result}}, "lambdas": {"tuned": {...}, "fallback": [...]}}``.
+    """
+    mods = SPLITS[split]
+    test = load_benchmark(split, "test", bench_dir)[:n]
+    val = load_benchmark(split, "val", bench_dir)[:n]
+    tuned = tune_lambdas(systems, mods, val, tick=tick)
+    fallback = fallback_lambdas(mods, systems.world_dir, systems.seed)
+    lams = {"damc_tuned": tuned["lam"], "damc_fallback": fallback}
+    out: dict[str, dict] = {p: {} for p in protocols}
+    for name in ("naivemc", *DAMC_SYSTEMS):
+        model = systems.build("damc_tuned" if name == "damc_fallback" else name, mods, lams.get(name))
+        for protocol in protocols:
+            out[protocol][name] = evaluate_items(model, test, protocol)
+        tick(name)
+    return {"results": out, "lambdas": {"tuned": tuned, "fallback": fallback}}
+
+
+def split_steps(split: str) -> int:
+    """Progress steps of :func:`damc_split`."""
+    return tuning_steps(SPLITS[split]) + 1 + len(DAMC_SYSTEMS)
+
+
+def damc_results(n: int | None = None, splits: Iterable[str] = SPLITS, variant: str = "lora", seed: int = 0,
+                 world_dir: str | Path | None = None, bench_dir: str | Path | None = None) -> dict:
+    """:func:`damc_split` for every split, with one progress bar: ``{split: damc_split(...)}``."""
+    from tqdm.auto import tqdm
+
+    splits = list(splits)
+    systems = Systems(variant, world_dir, seed=seed)
+    out, done = {}, 0
+    with tqdm(total=sum(split_steps(s) for s in splits), desc="DAMC on MCUB") as bar:
+        for split in splits:
+            def tick(label: str, split: str = split) -> None:
+                bar.set_postfix_str(f"{split} {label}", refresh=False)
+                bar.update()
+
+            out[split] = damc_split(systems, split, n, bench_dir=bench_dir, tick=tick)
+            done += split_steps(split)              # tuning may score fewer compositions than its maximum
+            bar.update(done - bar.n)
+    return out
+
+
+def damc_frame(results: dict) -> pd.DataFrame:
+    """:func:`damc_results` as a long table: protocol, split, system, acc, ci_low, ci_high, n."""
+    return pd.DataFrame([{"protocol": p, "split": split, "system": name, "acc": r["acc"], "ci_low": r["ci95"][0],
+                          "ci_high": r["ci95"][1], "n": r["n"]}
+                         for split, part in results.items() for p, table in part["results"].items()
+                         for name, r in table.items()])
+
+
+def damc_single(variant: str = "lora", n: int | None = None, seed: int = 0, world_dir: str | Path | None = None,
+                bench_dir: str | Path | None = None) -> dict:
+    """Single-modality inputs through the four-modality NaiveMC and DAMC: per-task accuracy, retention (Eq. 8;
+    DAMC against its own sources, the decoupled models) and the describe-it conflict.
+
+    ``{"single": {modality: {system: {task: result}}}, "retention": {system: value}, "conflict": {...}}``.
+    """
+    systems = Systems(variant, world_dir, seed=seed)
+    answers = single_answers(systems, SPLITS["MCUB-4"], n, bench_dir, decoupled=True)
+    single = single_task_results(answers)
+    return {"single": single,
+            "retention": {"naivemc": retention(single, "naivemc"),
+                          "damc": retention(single, "damc", original="original:decoupled"),
+                          "decoupled_vs_lora": retention(single, "original:decoupled")},
+            "conflict": describe_conflict(answers)}
+
+
+def damc_seeds(split: str = "MCUB-4", n: int | None = None, variant: str = "lora",
+               world_dir: str | Path | None = None, bench_dir: str | Path | None = None) -> pd.DataFrame:
+    """NaiveMC and DAMC (1/N) on ``split`` for every training seed with both a ``variant`` and a decoupled set
+    (option score): rows seed, system, acc, ci_low, ci_high, n."""
+    mods = SPLITS[split]
+    test = load_benchmark(split, "test", bench_dir)[:n]
+    seeds = [s for s in replica_seeds(variant, world_dir) if has_decoupled(mods, world_dir, s)]
+    rows = []
+    for seed in seeds:
+        systems = Systems(variant, world_dir, seed=seed)
+        for name in ("naivemc", "damc"):
+            r = evaluate_items(systems.build(name, mods), test, OPTION_SCORE)
+            rows.append({"seed": seed, "system": name, "acc": r["acc"], "ci_low": r["ci95"][0],
+                         "ci_high": r["ci95"][1], "n": r["n"]})
+    return pd.DataFrame(rows)
