@@ -27,7 +27,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SETTINGS = {"@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
             "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false"}}
 #: Notebooks with an explorer, and how a student moves its control.
-WITH_WIDGETS = {"01_mllms": "select", "02_naivemc": "slider", "05_merging_zoo": "slider"}
+WITH_WIDGETS = {"01_mllms": "select", "02_naivemc": "slider", "03_damc": "slider", "05_merging_zoo": "slider"}
 
 
 def _free_port() -> int:

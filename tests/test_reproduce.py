@@ -72,3 +72,23 @@ def test_binder_requirements_are_generated_from_the_kits():
     pins = {line.split("==")[0] for line in SOURCE.read_text().splitlines() if "==" in line} - {"playwright"}
     assert pins == {line.split("==")[0] for line in TARGET.read_text().splitlines() if "==" in line}
     assert "torch==2.13.0+cpu" in binder_requirements("torch==2.13.0\nnumpy==2.4.6\n")
+
+
+def test_damc_section_has_every_protocol_the_lambdas_retention_conflict_and_seeds():
+    def r(acc):
+        return {"acc": acc, "ci95": [acc - 0.1, acc + 0.1], "n": 40}
+
+    shares = {"own": 0.5, "other": 0.3, "invalid": 0.2, "n": 10}
+    part = {"mcub": {"MCUB-4": {"results": {p: {"naivemc": r(0.6), "damc": r(0.7)} for p in ("letter", "option_score")},
+                                "lambdas": {"tuned": {"lam": [0.5, 0.25, 0.25, 0.1], "val": 0.72, "trace": []},
+                                            "fallback": [0.3, 0.2, 0.25, 0.25]}}},
+            "single": {"retention": {"naivemc": 0.78, "damc": 0.93, "decoupled_vs_lora": 0.97},
+                       "conflict": {"image": {"original": shares, "naivemc": shares, "damc": shares}}},
+            "seeds": [{"seed": s, "system": name, "acc": 0.5 + s / 10} for s in (0, 1) for name in ("naivemc", "damc")]}
+    text = "\n".join(reproduce.damc_section(part))
+    assert "Protocol: `letter`" in text and "Protocol: `option_score`" in text
+    assert "| damc | 0.700 [0.60, 0.80] |" in text
+    assert "| ('MCUB-4', 'tuned') | 0.500 | 0.250 | 0.250 | 0.100 | 0.720 |" in text
+    assert "| damc | 0.930 | the decoupled models |" in text
+    assert "| image | original |" not in text and "| image | damc | 0.50 | 0.30 | 0.20 | 10 |" in text
+    assert "| damc | 0.500 | 0.600 |" in text                   # seeds 0 and 1

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from mckit.eval.mcub import SPLITS, default_root
-from mckit.experiments import composition, merging_zoo
+from mckit.experiments import composition, damc, merging_zoo
 from mckit.models.shipped import default_experts_dir, default_world_dir
 from mckit.storage.atomic import atomic_write_text
 from mckit.storage.fingerprint import tree_fingerprint
@@ -58,6 +58,10 @@ EXPERIMENTS: dict[str, Experiment] = {
                                  ("world_dir", "bench_dir"), "05_merging_zoo"),
     "mcub_results": Experiment(composition.mcub_results, {"variant": "lora", "n": None, "splits": list(SPLITS)},
                                ("world_dir", "bench_dir"), "06_mcub"),
+    "damc_results": Experiment(damc.damc_results, {"n": None, "n_tune": None, "splits": list(SPLITS)},
+                               ("world_dir", "bench_dir"), "03_damc"),
+    "damc_single": Experiment(damc.damc_single, {"n": None}, ("world_dir", "bench_dir"), "03_damc"),
+    "damc_seeds": Experiment(damc.damc_seeds, {"n": None}, ("world_dir", "bench_dir"), "03_damc"),
 }
 
 

@@ -93,16 +93,17 @@ def fallback_lambdas(modalities: tuple[str, ...], world_dir: str | Path | None =
     return [s / sum(scores) for s in scores]
 
 
-def damc_split(systems: Systems, split: str, n: int | None = None, protocols: tuple[str, ...] = PROTOCOLS,
-               bench_dir: str | Path | None = None, tick: Callable[[str], None] = _no_tick) -> dict:
+def damc_split(systems: Systems, split: str, n: int | None = None, n_tune: int | None = None,
+               protocols: tuple[str, ...] = PROTOCOLS, bench_dir: str | Path | None = None,
+               tick: Callable[[str], None] = _no_tick) -> dict:
     """NaiveMC and every DAMC system on the first ``n`` test items of ``split``; lambdas tuned on its first
-    ``n`` validation items under option scoring (the protocol every system answers).
+    ``n_tune`` validation items under option scoring (the protocol every system answers).
 
     ``{"results": {protocol: {system: result}}, "lambdas": {"tuned": {...}, "fallback": [...]}}``.
     """
     mods = SPLITS[split]
     test = load_benchmark(split, "test", bench_dir)[:n]
-    val = load_benchmark(split, "val", bench_dir)[:n]
+    val = load_benchmark(split, "val", bench_dir)[:n_tune]
     tuned = tune_lambdas(systems, mods, val, tick=tick)
     fallback = fallback_lambdas(mods, systems.world_dir, systems.seed)
     lams = {"damc_tuned": tuned["lam"], "damc_fallback": fallback}
@@ -120,8 +121,9 @@ def split_steps(split: str) -> int:
     return tuning_steps(SPLITS[split]) + 1 + len(DAMC_SYSTEMS)
 
 
-def damc_results(n: int | None = None, splits: Iterable[str] = SPLITS, variant: str = "lora", seed: int = 0,
-                 world_dir: str | Path | None = None, bench_dir: str | Path | None = None) -> dict:
+def damc_results(n: int | None = None, n_tune: int | None = None, splits: Iterable[str] = SPLITS,
+                 variant: str = "lora", seed: int = 0, world_dir: str | Path | None = None,
+                 bench_dir: str | Path | None = None) -> dict:
     """:func:`damc_split` for every split, with one progress bar: ``{split: damc_split(...)}``."""
     from tqdm.auto import tqdm
 
@@ -134,7 +136,7 @@ def damc_results(n: int | None = None, splits: Iterable[str] = SPLITS, variant: 
                 bar.set_postfix_str(f"{split} {label}", refresh=False)
                 bar.update()
 
-            out[split] = damc_split(systems, split, n, bench_dir=bench_dir, tick=tick)
+            out[split] = damc_split(systems, split, n, n_tune, bench_dir=bench_dir, tick=tick)
             done += split_steps(split)              # tuning may score fewer compositions than its maximum
             bar.update(done - bar.n)
     return out
@@ -180,3 +182,104 @@ def damc_seeds(split: str = "MCUB-4", n: int | None = None, variant: str = "lora
             rows.append({"seed": seed, "system": name, "acc": r["acc"], "ci_low": r["ci95"][0],
                          "ci_high": r["ci95"][1], "n": r["n"]})
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- why decouple, and where each token goes
+
+def decoupled_table(world_dir: str | Path | None = None, seed: int = 0) -> pd.DataFrame:
+    """Held-out accuracy (build time) of each modality's LoRA model and its decoupled twin, per task:
+    rows (modality, task), columns lora, decoupled."""
+    from mckit.models.shipped import world_record
+
+    built = {**world_record(world_dir)["models"], **replicas_record(world_dir)["models"]}
+    rows = {}
+    for mod in world_record(world_dir)["config"]["modalities"]:
+        lora, dec = built[model_dir_name(mod, "lora", seed)], built.get(model_dir_name(mod, DECOUPLED, seed), {})
+        for task, r in lora.items():
+            rows[(mod, task)] = {"lora": r["acc"], "decoupled": dec.get(task, {}).get("acc", float("nan"))}
+    return pd.DataFrame(rows).T
+
+
+def delta_interference(systems: Systems, modalities: tuple[str, ...]) -> pd.DataFrame:
+    """:func:`mckit.merge.interference.interference_table` over every decoupled model's text and modality
+    deltas (``"{m} text"``, ``"{m} {m}"``) and NaiveMC's LoRA task vectors (``"{m} lora"``)."""
+    from mckit.merge.interference import interference_table
+    from mckit.merge.task_vectors import task_vector
+    from mckit.models.decoupled import decoupled_deltas
+
+    deltas = {}
+    for mod in modalities:
+        split = decoupled_deltas(systems.model(mod, DECOUPLED))
+        deltas[f"{mod} text"], deltas[f"{mod} {mod}"] = split["text"], split[mod]
+        deltas[f"{mod} lora"] = task_vector(systems.model(mod), systems.base)
+    return interference_table(deltas)
+
+
+def interference_kinds(table: pd.DataFrame) -> pd.DataFrame:
+    """:func:`delta_interference` averaged over layers and over the pairs of one kind: the text deltas of two
+    models (what DAMC merges), two modality deltas (kept apart), a model's text and modality deltas, and two
+    LoRA task vectors (what NaiveMC merges). Rows: kind; columns: metric."""
+    def kind(a: str, b: str) -> str | None:
+        (ma, ra), (mb, rb) = a.split(), b.split()
+        if ra == rb == "lora" and ma != mb:
+            return "NaiveMC: LoRA vs LoRA (other modality)"
+        if ra == rb == "text" and ma != mb:
+            return "DAMC: text vs text (other modality)"
+        if ra == ma and rb == mb and ma != mb:
+            return "DAMC: modality vs modality"
+        if ma == mb and {ra, rb} == {"text", ma}:
+            return "DAMC: text vs modality (same model)"
+        return None
+
+    kinds = table.assign(kind=[kind(a, b) for a, b in zip(table["a"], table["b"])]).dropna(subset=["kind"])
+    return kinds.groupby(["kind", "metric"])["value"].mean().unstack("metric")
+
+
+def route_map(model, item) -> pd.DataFrame:
+    """Where each position of one MCUB item's prompt goes in a routed ``model``: columns position, token
+    (``<image>`` for a position holding a projected input, ``[image+]`` for a learnable embedding around it),
+    route (``text`` or the modality)."""
+    from mckit.eval.protocols import item_inputs
+    from mckit.models.batch import PLACEHOLDER_ID
+    from mckit.models.decoupled import span_of
+
+    prompts, inputs = item_inputs(model, [item])
+    batch = model.batch(prompts, inputs)
+    names = {0: "text", **{route: mod for mod, route in model.route_ids.items()}}
+    ids, routes = batch.input_ids[0].tolist(), batch.routes[0].tolist()
+    rows, run = [], 0
+    for pos, (tok, route) in enumerate(zip(ids, routes)):
+        run = run + 1 if tok == PLACEHOLDER_ID else 0
+        if tok == PLACEHOLDER_ID:
+            mod = names[route]
+            span = span_of(model.branches[mod])
+            inner = span < run <= model.branches[mod].n_tokens - span
+            token = f"<{mod}>" if inner else f"[{mod}+]"
+        else:
+            token = model.tokenizer.convert_ids_to_tokens(tok)
+        rows.append({"position": pos, "token": token, "route": names[route]})
+    return pd.DataFrame(rows)
+
+
+def lambda_table(results: dict) -> pd.DataFrame:
+    """The lambdas of :func:`damc_results` per split: rows (split, way: tuned | fallback), a column per modality,
+    and the tuned ones' validation score."""
+    rows = {}
+    for split, part in results.items():
+        mods = SPLITS[split]
+        tuned, fallback = part["lambdas"]["tuned"], part["lambdas"]["fallback"]
+        rows[(split, "tuned")] = {**dict(zip(mods, tuned["lam"])), "val": tuned["val"]}
+        rows[(split, "fallback")] = dict(zip(mods, fallback))
+    return pd.DataFrame(rows).T.round(3)
+
+
+def retention_frame(single: dict) -> pd.DataFrame:
+    """:func:`damc_single`'s retention (Eq. 8) as a table: system, retention, measured against."""
+    against = {"naivemc": "the LoRA models", "damc": "the decoupled models",
+               "decoupled_vs_lora": "the LoRA models (the decoupled models alone)"}
+    return pd.DataFrame([{"system": k, "retention": v, "against": against[k]} for k, v in single["retention"].items()])
+
+
+def conflict_of(single: dict, systems: tuple[str, ...] = ("naivemc", "damc")) -> dict:
+    """:func:`damc_single`'s describe-it conflict restricted to ``systems``: ``{modality: {system: shares}}``."""
+    return {m: {s: r for s, r in by.items() if s in systems} for m, by in single["conflict"].items()}

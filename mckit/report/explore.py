@@ -122,3 +122,22 @@ def explore_lambda(tables: dict[str, dict[str, dict]], regime: str, method: str 
                 "method": lambda v: widgets.Dropdown(options=methods, value=v, description="method"),
                 "lam": lambda v: widgets.SelectionSlider(options=list(LAMBDAS), value=v, description="lambda")}
     return _explore(plot, {"regime": regime, "method": method, "lam": lam}, controls)
+
+
+def explore_damc_lambdas(systems, modalities: tuple[str, ...], val: list, lams: list[float]):
+    """One slider per modality for the coefficient of its text LoRA in DAMC; each move composes DAMC again and
+    scores ``val`` (option score), beside DAMC at 1/N and NaiveMC on the same items (scored once)."""
+    import ipywidgets as widgets
+
+    from mckit.eval.protocols import OPTION_SCORE, evaluate_items
+    from mckit.report.plots_damc import plot_live_lambdas
+
+    references = {name: evaluate_items(systems.build(name, modalities), val, OPTION_SCORE)["acc"]
+                  for name in ("damc", "naivemc")}
+
+    def plot(**values: float) -> plt.Figure:
+        return plot_live_lambdas(systems, modalities, val, [values[m] for m in modalities], references)
+
+    controls = {m: (lambda v, m=m: widgets.FloatSlider(value=v, min=0.0, max=1.0, step=0.05, description=m,
+                                                       continuous_update=False)) for m in modalities}
+    return _explore(plot, dict(zip(modalities, lams)), controls)

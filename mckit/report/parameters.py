@@ -133,6 +133,15 @@ def _lambda(name, value, params):
                            "(every method was scored at these only)")
 
 
+def _text_lambdas(name, value, params):
+    n = len(SPLITS["MCUB-4"])
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        _fail(name, value, f"one lambda per modality of MCUB-4 ({', '.join(SPLITS['MCUB-4'])}): a list of {n}")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= float(v) <= 1:
+            _fail(name, value, f"{v!r}: each lambda is a number from 0 to 1")
+
+
 def _device(name, value, params):
     _choice(("auto", "cpu", "cuda"))(name, value, params)
     if value == "cuda" and not torch.cuda.is_available():
@@ -167,6 +176,10 @@ RULES: dict[str, Callable] = {
     "N_MODALITY_VAL_FULL": _at_most_split("val", MODALITY_SPLIT),
     "EXPLORE_METHOD": _choice(tuple(m for m in BENCH_METHODS if get(m).has_lam)),
     "EXPLORE_LAMBDA": _lambda,
+    "EXPLORE_LAMBDAS": _text_lambdas,
+    "N_TUNE_SMOKE": _at_most_split("val"),
+    "N_TUNE_FULL": _at_most_split("val", allow_none=True),
+    "N_LIVE": _at_most_split("val", "MCUB-4"),
     "WORLD_DIR": _directory,
     "BENCH_DIR": _directory,
     "EXPERTS_DIR": _directory,
