@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: reproduce test lab world seeds experts mcub cache
+.PHONY: reproduce test lab world seeds decoupled experts mcub cache
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ world: $(STAMP)
 # Stage-2 replicas of the world's LoRA models with training seeds 1 and 2 (13 min on one core).
 seeds: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m mckit build-seeds --world data/world --seeds 1 2 --overwrite
+
+# DAMC's decoupled variant of every modality (text + modality LoRA) for training seeds 0, 1 and 2
+# (18 min per seed on one core; resumes: models already built are kept).
+decoupled: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m mckit build-seeds --world data/world --variant decoupled --seeds 0 1 2
 
 # The capability experts of the merging benchmark under data/experts (19 min on one core).
 experts: $(STAMP)

@@ -1,15 +1,18 @@
 """Benchmark: the cost of per-token routing in the LLM's forward pass.
 
-    .venv/bin/python bench/routing.py [--batch 128] [--repeat 30] [--threads N]
+    .venv/bin/python bench/routing.py [--system modality_routed|damc] [--batch 128] [--repeat 30] [--threads N]
 
 On one input (the first ``--batch`` MCUB-4 test prompts of the shipped toy
 world, each with its four inputs, as the letter protocol batches them) it
-times three composed 4-modality models built from the world's LoRA models:
+times three composed 4-modality models:
 
-- plain:  NaiveMC, theta_0 + mean_i tau_i, no routing (one matmul per linear);
-- routed: text on NaiveMC's weights, each modality's tokens on its own model's
-  (:func:`mckit.compose.routed.modality_routed`): RoutedLinear groups the tokens
-  of each route and runs each group once;
+- plain:  one weight for every token, no routing (one matmul per linear): NaiveMC,
+  theta_0 + mean_i tau_i, over the LoRA models (``--system damc``: theta_0 + the
+  merged text LoRAs, with the decoupled models' branches, so the batch is the same);
+- routed: ``modality_routed``: text on NaiveMC's weights, each modality's tokens on its
+  own model's (:func:`mckit.compose.routed.modality_routed`); ``damc``: DAMC over the
+  decoupled models (:func:`mckit.compose.damc.damc`, 11 positions per input).
+  RoutedLinear groups the tokens of each route and runs each group once;
 - naive:  the same routed model, but every route's delta runs over the whole
   sequence and is then masked (:func:`mckit.models.routing.naive_routed_forward`).
 
@@ -26,12 +29,25 @@ import time
 
 import torch
 
+from mckit.compose.damc import damc, model_deltas, text_deltas
 from mckit.compose.routed import modality_routed
-from mckit.compose.static import naivemc
+from mckit.compose.static import add_deltas, naivemc, with_llm
 from mckit.eval.mcub import SPLITS, load_benchmark
 from mckit.eval.protocols import item_inputs
 from mckit.models.routing import RoutedLinear, naive_routed_forward
 from mckit.models.shipped import load_base, load_model
+
+
+def composed(system: str):
+    """(plain, routed) four-modality models of ``system``; plain takes the batch of routed unrouted."""
+    base = load_base()
+    mods = SPLITS["MCUB-4"]
+    if system == "damc":
+        sources = {m: load_model(m, "decoupled") for m in mods}
+        text = text_deltas(model_deltas(sources), base, [1 / len(mods)] * len(mods))
+        return with_llm(add_deltas(base, text), sources), damc(sources, base)
+    sources = {m: load_model(m, "lora") for m in mods}
+    return naivemc(sources, base), modality_routed(sources, base)
 
 
 def main() -> None:
@@ -39,12 +55,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128, help="prompts per forward (evaluation's batch size)")
     parser.add_argument("--repeat", type=int, default=30, help="timed rounds (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--system", default="modality_routed", choices=["modality_routed", "damc"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = load_base()
-    sources = {m: load_model(m, "lora") for m in SPLITS["MCUB-4"]}
-    plain, routed = naivemc(sources, base), modality_routed(sources, base)
+    plain, routed = composed(args.system)
     items = load_benchmark("MCUB-4", "test")[:args.batch]
     batch = plain.batch(*item_inputs(plain, items))
     n_routed = sum(isinstance(m, RoutedLinear) for m in routed.modules())

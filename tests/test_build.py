@@ -141,3 +141,17 @@ def test_decoupled_variant_is_built_for_seed_0_and_each_model_kept_as_it_finishe
     record = build.train_replicas(out, [0, 1], "decoupled")               # seed 0 is kept, seed 1 trained
     assert len(calls) == 1 and set(record["models"]) == {"point-decoupled", "point-decoupled-s1"}
     assert shipped.replica_seeds("decoupled", out) == [0, 1]
+
+
+def test_replica_records_of_concurrent_builds_are_merged(tmp_path):
+    from mckit.build.world import _add_replica
+
+    record_file = tmp_path / "replicas.json"
+    _add_replica(record_file, "point-decoupled-s1", {"identify": {"acc": 0.5}}, 10.0)
+    # another build (another seed) wrote its model meanwhile; this one must not drop it
+    other = json.loads(record_file.read_text())
+    other["models"]["point-decoupled-s2"], other["seconds"]["point-decoupled-s2"] = {"identify": {"acc": 0.6}}, 11.0
+    record_file.write_text(json.dumps(other))
+    record = _add_replica(record_file, "image-decoupled-s1", {"identify": {"acc": 0.7}}, 12.0)
+    assert set(record["models"]) == {"point-decoupled-s1", "point-decoupled-s2", "image-decoupled-s1"}
+    assert json.loads(record_file.read_text()) == record

@@ -212,9 +212,21 @@ def train_replicas(world_dir: str | Path, seeds: list[int], variant: str = "lora
             train_stage2(model, mod, world, train, variant, cfg.stage2_steps, cfg.mllm_batch, lr, seed=seed)
             save_mllm(model, world_dir / "models" / name, base_path=None if variant == "full" else world_dir / "base",
                       overwrite=overwrite)
-            record["models"][name] = evaluate_single(model, world, mod, test, cfg.eval_items, cfg.seed)
-            record["seconds"][name] = round(time.perf_counter() - start, 1)
-            atomic_write_text(record_file, json.dumps(record, indent=2))     # each model kept as it finishes
+            record = _add_replica(record_file, name, evaluate_single(model, world, mod, test, cfg.eval_items, cfg.seed),
+                                  round(time.perf_counter() - start, 1))
+    return record
+
+
+def _add_replica(record_file: Path, name: str, result: dict, seconds: float) -> dict:
+    """Add one model's held-out result to ``replicas.json`` as it finishes; builds of other seeds may run at the
+    same time, so the file is read, merged and rewritten (atomically) under an exclusive lock."""
+    import fcntl
+
+    with open(record_file.with_name(f".{record_file.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record = json.loads(record_file.read_text()) if record_file.is_file() else {"models": {}, "seconds": {}}
+        record["models"][name], record["seconds"][name] = result, seconds
+        atomic_write_text(record_file, json.dumps(record, indent=2))
     return record
 
 

@@ -33,7 +33,7 @@ from mckit.experiments.composition import LAMBDAS, Systems
 from mckit.merge.registry import METHODS, for_regime, get
 from mckit.merge.task_vectors import task_vector
 from mckit.models.mllm import MLLM
-from mckit.models.shipped import MULTITASK, load_expert, load_world
+from mckit.models.shipped import DECOUPLED, MULTITASK, has_model, load_expert, load_world
 from mckit.world.capabilities import TASKS
 
 #: Benchmark methods, in the registry's order and at its defaults, which are the paper's settings (TIES keeps
@@ -214,7 +214,9 @@ def modality_table(variant: str = "full", n_val: int = 100, n_test: int | None =
 
     Evaluated with option scoring on MCUB-3 image-audio-video (lambda on its
     validation items). ``single:m`` sees only its own input; ``naivemc`` is
-    theta_0 + mean tau (for full fine-tuning it equals weight averaging).
+    theta_0 + mean tau (for full fine-tuning it equals weight averaging). Where the world holds the
+    decoupled models, ``damc`` (their DAMC, lambda 1/N) and ``naivemc:lora`` (NaiveMC over the LoRA
+    models trained on the same data) are rows too.
     """
     from mckit.eval.mcub import SPLITS, load_benchmark
 
@@ -233,6 +235,11 @@ def modality_table(variant: str = "full", n_val: int = 100, n_test: int | None =
             bar.update()
         out["naivemc"] = {"test": evaluate_items(compose.naivemc(sources, systems.base), test, OPTION_SCORE)}
         bar.update()
+        if all(has_model(m, DECOUPLED, world_dir) for m in mods):      # DAMC and its like-for-like NaiveMC
+            lora = Systems("lora", world_dir)
+            for name in ("naivemc", "damc") if variant != "lora" else ("damc",):
+                label = f"{name}:lora" if name == "naivemc" else "damc"
+                out[label] = {"test": evaluate_items(lora.build(name, mods), test, OPTION_SCORE)}
         for name in methods:
             bar.set_postfix_str(name)
             out[name] = _merged_row(composed, direction(taus, systems.base, name, variant), not get(name).has_lam,
@@ -276,7 +283,7 @@ PAPER = {
     "capabilities_models": {"full": "InternVL2.5-1B, full fine-tuning", "lora": "Qwen2-VL-7B, LoRA"},
     "modalities": {"single:image": 63.16, "single:audio": 37.75, "single:video": 64.11, "average": 58.57,
                    "task_arithmetic": 65.38, "ties": 63.10, "tsv": 67.34, "iso_c": 65.14, "wudi": 64.65,
-                   "optmerge": 67.00, "naivemc": 66.88},
+                   "optmerge": 67.00, "naivemc": 66.88, "damc": 66.79},
     "rank_ratio": {"0.1": 56.93, "0.2": 57.43, "0.3": 56.63, "0.4": 54.22, "0.5": 52.98},
 }
 
