@@ -23,17 +23,21 @@ import pandas as pd
 
 from mckit.eval.mcub import SPLITS, load_benchmark
 from mckit.eval.protocols import OPTION_SCORE, PROTOCOLS, evaluate_items
-from mckit.experiments.composition import Systems, describe_conflict, retention, single_answers, single_task_results
+from mckit.experiments.composition import (
+    Systems,
+    _no_tick,
+    describe_conflict,
+    mcub_frame,
+    retention,
+    single_answers,
+    single_task_results,
+)
 from mckit.models.shipped import DECOUPLED, has_model, model_dir_name, replica_seeds, replicas_record
 
 #: The DAMC systems of the tables, in display order (NaiveMC is shown beside them).
 DAMC_SYSTEMS = ("damc", "damc_tuned", "damc_fallback", "damc_ties", "damc_inference_only")
 #: Values each modality's lambda may take in :func:`tune_lambdas`.
 LAMBDA_GRID = (0.1, 0.25, 0.5, 0.75, 1.0)
-
-
-def _no_tick(label: str) -> None:
-    """Default progress callback: nothing."""
 
 
 def has_decoupled(modalities: Iterable[str], world_dir: str | Path | None = None, seed: int = 0) -> bool:
@@ -143,11 +147,10 @@ def damc_results(n: int | None = None, n_tune: int | None = None, splits: Iterab
 
 
 def damc_frame(results: dict) -> pd.DataFrame:
-    """:func:`damc_results` as a long table: protocol, split, system, acc, ci_low, ci_high, n."""
-    return pd.DataFrame([{"protocol": p, "split": split, "system": name, "acc": r["acc"], "ci_low": r["ci95"][0],
-                          "ci_high": r["ci95"][1], "n": r["n"]}
-                         for split, part in results.items() for p, table in part["results"].items()
-                         for name, r in table.items()])
+    """:func:`damc_results` as :func:`~mckit.experiments.composition.mcub_frame`'s long table: protocol, split,
+    system, acc, ci_low, ci_high, n."""
+    protocols = next(iter(results.values()))["results"]
+    return mcub_frame({p: {split: part["results"][p] for split, part in results.items()} for p in protocols})
 
 
 def damc_single(variant: str = "lora", n: int | None = None, seed: int = 0, world_dir: str | Path | None = None,
