@@ -37,7 +37,7 @@ seeds: $(STAMP)
 decoupled: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m mckit build-seeds --world data/world --variant decoupled --seeds 0 1 2
 
-# The capability experts of the merging benchmark under data/experts (19 min on one core).
+# The capability experts of the merging benchmark under data/experts (31 min on one core with the other busy).
 experts: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m mckit build-experts --out data/experts --overwrite
 
