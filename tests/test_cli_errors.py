@@ -10,7 +10,7 @@ from mckit.__main__ import main
 @pytest.mark.parametrize("argv, message", [
     (["build-experts", "--world", "{tmp}/nowhere", "--out", "{tmp}/experts", "--preset", "smoke"], "no toy world at"),
     (["build-seeds", "--world", "{tmp}/nowhere", "--seeds", "1"], "no toy world at"),
-    (["build-seeds", "--seeds", "1", "2"], "already exists; pass overwrite=True"),
+    (["build-seeds", "--seeds", "0"], "seed 0 is the world's own training seed"),
     (["build-world", "--out", "{tmp}/file", "--preset", "smoke", "--overwrite"], "is not an output of the kit"),
     (["build-mcub", "--out", "{tmp}/foreign", "--overwrite"], "is not an output of the kit"),
     (["reproduce", "--out", "{tmp}/foreign", "--mode", "smoke"], "is not an output of the kit"),

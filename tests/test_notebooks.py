@@ -18,11 +18,11 @@ INJECTED = {
     "00_world": {"ENTITIES": [4, 9], "SEED": 3},
     "01_mllms": {"MODALITY": "audio", "VARIANT": "lora", "ENTITY": 7, "N_EVAL_SMOKE": 40},
     "02_naivemc": {"VARIANT": "full", "MODALITIES": ["image", "audio", "video"], "ITEM": 3, "N_SMOKE": 60},
-    "03_damc": {"SPLITS": ["MCUB-4"], "N_SMOKE": 30, "N_TUNE_SMOKE": 20, "N_LIVE": 20, "ITEM": 2,
+    "03_damc": {"SPLITS": ["MCUB-4"], "N_SMOKE": 16, "N_TUNE_SMOKE": 8, "N_LIVE": 8, "ITEM": 2,
                 "EXPLORE_LAMBDAS": [0.5, 0.25, 0.25, 0.1]},
-    "05_merging_zoo": {"REGIMES": ["lora"], "N_VAL_SMOKE": 8, "N_TEST_SMOKE": 16, "RANK_ABLATION": False,
-                       "MODALITY_VARIANT": "lora", "N_MODALITY_SMOKE": 40},
-    "06_mcub": {"DEVICE": "cpu", "VARIANT": "full", "N_SMOKE": 40, "SPLITS": ["MCUB-4", "MCUB-3-audio-video-point"]},
+    "05_merging_zoo": {"REGIMES": ["lora"], "N_VAL_SMOKE": 4, "N_TEST_SMOKE": 8, "RANK_ABLATION": False,
+                       "MODALITY_VARIANT": "lora", "N_MODALITY_SMOKE": 20, "N_MODALITY_VAL_SMOKE": 10},
+    "06_mcub": {"DEVICE": "cpu", "VARIANT": "full", "N_SMOKE": 24, "SPLITS": ["MCUB-4", "MCUB-3-audio-video-point"]},
 }
 #: Seconds a notebook's default run may take under nbval. Measured on 2 cores with another process busy on one
 #: of them: 6-29 s per notebook (06 the longest), so this leaves more than 10x.
