@@ -6,7 +6,7 @@ are copied, never merged) and gets one LLM:
 - NaiveMC (METHODS.md 2):   theta = theta_0 + (1/N) * sum_i tau_i
 - task arithmetic:          theta = theta_0 + lambda * sum_i tau_i
 - frozen composition:       theta = theta_0 (projector-only source models)
-- any registered method:    theta = method(theta_0, [theta_0 + tau_i]) (:func:`method_deltas`)
+- any registered method:    theta = method(theta_0, [theta_0 + tau_i]) (:func:`method_compose`)
 
 where tau_i is model i's task vector (for LoRA, the product dW_i = scale * B_i A_i,
 never A and B averaged separately). The controls separate the causes of a gain
@@ -163,6 +163,15 @@ def method_deltas(taus: list[dict[str, torch.Tensor]], base: torch.nn.Module, me
         thetas = [theta_0 + t[name] if name in t else theta_0 for t in taus]
         deltas[name] = merge_tensor(method, name, theta_0, thetas, options) - theta_0
     return deltas
+
+
+def method_compose(models, base: torch.nn.Module, method: str, **options) -> MLLM:
+    """theta_0 + the registered ``method``'s merged delta (:func:`method_deltas`), with every model's branch."""
+    models = as_dict(models)
+    check_models(models)
+    check_same_base(models, base)
+    taus = [task_vector(m, base) for m in models.values()]
+    return with_llm(add_deltas(base, method_deltas(taus, base, method, **options)), models)
 
 
 def frozen_compose(models, base: torch.nn.Module) -> MLLM:

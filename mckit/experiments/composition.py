@@ -12,6 +12,11 @@ Systems (keys of results.json):
 - ``damc``, ``damc_ties``       DAMC over the decoupled models (text LoRAs averaged, or merged by TIES);
   ``damc_tuned``                with per-modality lambdas (given: chosen by :mod:`mckit.experiments.damc`);
   ``damc_inference_only``       decoupling at inference only: text on NaiveMC, each input on its own LoRA
+- ``ties``, ``ties_dare``,      merges of the full fine-tunes (whatever ``variant``): TIES and DARE + TIES at
+  ``ta_dare``                   MMER's K = 0.8 kept, DARE + task arithmetic (lambda given, default 1/N)
+- ``mmer``, ``mmer_tuned``      MMER's expansion over the full fine-tunes, lambda = 1 or given per modality;
+  ``mmer:no_sign``,             its ablations (:mod:`mckit.experiments.mmer`)
+  ``mmer:no_magnitude``
 
 Retention (Eq. 8 of MMER, METHODS.md 5): mean over (modality, task) of
 acc(system) / acc(original single model) on the single-modality test sets.
@@ -27,10 +32,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mckit.compose import mmer
 from mckit.compose import static as compose
 from mckit.compose.damc import damc
 from mckit.compose.routed import modality_routed
-from mckit.eval.mcub import SPLITS, MCUBItem, load_benchmark, one_entity_oracle
+from mckit.eval.mcub import SPLITS, MCUBItem, load_benchmark
 from mckit.eval.protocols import (
     OPTION_SCORE,
     PROTOCOLS,
@@ -41,10 +47,16 @@ from mckit.eval.protocols import (
 )
 from mckit.models.mllm import MLLM
 from mckit.models.shipped import DECOUPLED, load_base, load_model
-from mckit.world.entities import FAMILIES, World
+from mckit.world.entities import FAMILIES
 from mckit.world.tasks import NATIVE_FAMILY
 
 LAMBDAS = (0.1, 0.3, 0.5, 0.7, 1.0, 1.5)
+#: The static merges beside MMER: registered method and its options (TIES at MMER's K).
+MERGES = {"ties": ("ties", {"keep": mmer.KEEP}), "ties_dare": ("dare_ties", {"keep": mmer.KEEP}),
+          "ta_dare": ("dare_ta", {})}
+#: MMER's systems and the mask options each sets (the ablations drop one test).
+MMER_VARIANTS = {"mmer": {}, "mmer_tuned": {}, "mmer:no_sign": {"sign_test": False},
+                 "mmer:no_magnitude": {"magnitude_test": False}}
 
 
 class Systems:
@@ -91,9 +103,23 @@ class Systems:
                 raise ValueError("damc_tuned needs its lambdas (one per modality)")
             model = damc(self.sources(modalities, DECOUPLED), self.base, lam if name == "damc_tuned" else None,
                          text_method="ties" if name == "damc_ties" else "average")
+        elif name in MERGES:
+            method, options = MERGES[name]
+            if name == "ta_dare":
+                options = {"lam": 1.0 / len(modalities) if lam is None else lam}
+            model = compose.method_compose(self.sources(modalities, "full"), self.base, method, **options)
+        elif name in MMER_VARIANTS:
+            model = mmer.expand(self.sources(modalities, "full"), self.base, self.masks(name, modalities, lam))
         else:
             raise ValueError(f"unknown system {name!r}")
         return model.to(self.device).eval()
+
+    def masks(self, name: str, modalities: tuple[str, ...], lam=None) -> mmer.Masks:
+        """MMER's masks of system ``name`` over the full fine-tunes of ``modalities`` (lambda default 1)."""
+        if name == "mmer_tuned" and lam is None:
+            raise ValueError("mmer_tuned needs its lambdas (one per modality)")
+        return mmer.mmer_masks(self.sources(modalities, "full"), self.base, lam=1.0 if lam is None else lam,
+                               **MMER_VARIANTS[name])
 
 
 def system_names(modalities: tuple[str, ...]) -> list[str]:
@@ -109,15 +135,17 @@ def _no_tick(label: str) -> None:
 
 def choose_lambda(systems: Systems, modalities: tuple[str, ...], val: list[MCUBItem],
                   protocols: tuple[str, ...] = PROTOCOLS, grid: Iterable[float] = LAMBDAS,
-                  tick: Callable[[str], None] = _no_tick) -> dict[str, tuple[float, dict[float, float]]]:
-    """Task arithmetic's lambda per protocol: the grid value with the best accuracy on ``val`` (never test).
+                  tick: Callable[[str], None] = _no_tick,
+                  system: str = "task_arithmetic") -> dict[str, tuple[float, dict[float, float]]]:
+    """Task arithmetic's (or ``system``'s) lambda per protocol: the grid value with the best accuracy on ``val``
+    (never test).
 
     Ties go to the lambda nearest 1/N (plain averaging). One composition per grid value;
     ``tick(label)`` is called after each.
     """
     scores: dict[str, dict[float, float]] = {p: {} for p in protocols}
     for lam in grid:
-        model = systems.build("task_arithmetic", modalities, lam)
+        model = systems.build(system, modalities, lam)
         for p in protocols:
             scores[p][lam] = evaluate_items(model, val, p)["acc"]
         tick(f"val lambda={lam}")
@@ -320,37 +348,6 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def answer_item(model: MLLM, item: MCUBItem) -> dict[str, str]:
-    """One item through ``model``: the prompt it sees, its generated reply, and every protocol's letter."""
-    from mckit.eval.protocols import item_inputs, named_letter, option_score_answers
-
-    prompt = item_inputs(model, [item])[0][0]
-    generated = generated_answers(model, [item])[0]
-    return {"sees": prompt, "generated": generated, "letter": first_token_answers(model, [item])[0][:1],
-            "named_letter": named_letter(generated),
-            "option_score": option_score_answers(model, [item])[0],
-            "gold": item.answer}
-
-
-def item_media(item: MCUBItem) -> dict[str, list[np.ndarray]]:
-    """The raw inputs of one item, for drawing."""
-    from mckit.eval.mcub import load_media
-
-    return {m: [load_media(p) for p in paths] for m, paths in item.media.items()}
-
-
-def answer_table(models: dict[str, MLLM], item: MCUBItem) -> pd.DataFrame:
-    """One item through every model of ``models`` (name -> model): rows as :func:`answer_item`."""
-    return pd.DataFrame({name: answer_item(model, item) for name, model in models.items()}).T
-
-
-def score_table(models: dict[str, MLLM], items: list[MCUBItem],
-                protocols: tuple[str, ...] = PROTOCOLS) -> pd.DataFrame:
-    """Accuracy of every model (rows) under every protocol (columns) on ``items``."""
-    return pd.DataFrame({name: {p: evaluate_items(m, items, p)["acc"] for p in protocols}
-                         for name, m in models.items()}).T
-
-
 def seed_spread(seed_frame: pd.DataFrame) -> pd.DataFrame:
     """:func:`seed_table` as systems x seeds, with the spread (max - min) across seeds."""
     table = seed_frame.pivot_table(index="system", columns="seed", values="acc", sort=False)
@@ -366,11 +363,3 @@ def single_task_frame(single: dict[str, dict[str, dict]]) -> pd.DataFrame:
 def conflict_frame(conflict: dict[str, dict[str, dict[str, float]]]) -> pd.DataFrame:
     """:func:`describe_conflict` as (modality, system) rows: own, other, invalid, n."""
     return pd.DataFrame({(m, s): r for m, by_system in conflict.items() for s, r in by_system.items()}).T
-
-
-def single_vs_oracle(scores: pd.DataFrame, world: World, split: str, n: int, protocol: str = OPTION_SCORE) -> dict:
-    """The best single model against the one-entity oracle (a single input's ceiling), and NaiveMC's gain over it."""
-    singles = scores.loc[[s for s in scores.index if s.startswith("single:")], protocol]
-    oracle = one_entity_oracle(world, split, n)
-    return {"one_entity_oracle": round(oracle, 3), "best_single": round(float(singles.max()), 3),
-            "naivemc_minus_best_single": round(float(scores.loc["naivemc", protocol] - singles.max()), 3)}

@@ -46,27 +46,30 @@ def has_decoupled(modalities: Iterable[str], world_dir: str | Path | None = None
 
 
 def tune_lambdas(systems: Systems, modalities: tuple[str, ...], val: list, protocol: str = OPTION_SCORE,
-                 grid: Iterable[float] = LAMBDA_GRID, tick: Callable[[str], None] = _no_tick) -> dict:
-    """Per-modality lambdas for ``damc_tuned`` by coordinate ascent on ``val`` (never test).
+                 grid: Iterable[float] = LAMBDA_GRID, tick: Callable[[str], None] = _no_tick,
+                 system: str = "damc_tuned", start: float | None = None) -> dict:
+    """Per-modality lambdas for ``system`` (``damc_tuned``, ``mmer_tuned``) by coordinate ascent on ``val``
+    (never test).
 
-    Start at lambda_i = 1/N; for each modality in turn, try every ``grid`` value with the
+    Start at lambda_i = ``start`` (default 1/N); for each modality in turn, try every ``grid`` value with the
     others fixed and keep the best (a tie keeps the current value). One pass, 1 + N * |grid|
     compositions (fewer: the current value is not scored twice). Returns ``{"lam": [...],
     "val": best score, "trace": [{"modality", "lam", "score"}, ...]}``.
     """
     n = len(modalities)
-    lams = [1.0 / n] * n
+    first = 1.0 / n if start is None else float(start)
+    lams = [first] * n
     scored: dict[tuple[float, ...], float] = {}
 
     def score(candidate: list[float]) -> float:
         key = tuple(round(v, 6) for v in candidate)
         if key not in scored:
-            scored[key] = evaluate_items(systems.build("damc_tuned", modalities, candidate), val, protocol)["acc"]
+            scored[key] = evaluate_items(systems.build(system, modalities, candidate), val, protocol)["acc"]
             tick(f"lambdas {key}")
         return scored[key]
 
     best = score(lams)
-    trace = [{"modality": "all", "lam": 1.0 / n, "score": best}]
+    trace = [{"modality": "all", "lam": first, "score": best}]
     for i, mod in enumerate(modalities):
         for value in grid:
             candidate = lams[:i] + [float(value)] + lams[i + 1:]

@@ -16,7 +16,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from mckit.eval.mcub import MCUBItem
-from mckit.experiments.composition import LAMBDAS, answer_item, item_media
+from mckit.experiments.composition import LAMBDAS
+from mckit.experiments.per_item import answer_item, item_media
 from mckit.models.mllm import MLLM
 from mckit.models.shipped import load_model
 from mckit.report.notebook import ask

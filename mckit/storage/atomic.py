@@ -123,15 +123,20 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary sibling and a rename: readers never see half a file."""
+    """Write ``text`` (UTF-8) to ``path`` through a temporary sibling and a rename: readers never see half a file."""
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary sibling and a rename (removed on any failure or SIGTERM)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     with _terminate_as_interrupt():
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
         try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             Path(tmp).chmod(0o666 & ~_umask())
             os.replace(tmp, path)
         except BaseException:
