@@ -190,12 +190,12 @@ def expansion_deltas(masks: Masks) -> dict[str, dict[str, Tensor]]:
     return routes
 
 
-def _check_masks_fit(models: Mapping[str, MLLM], masks: Masks, every: bool) -> None:
-    """Every model's modality has a mask; ``every``: and the masks are those of exactly these models."""
+def _check_masks_fit(models: Mapping[str, MLLM], masks: Masks) -> None:
+    """The masks are those of exactly these models (one per modality)."""
     missing = set(models) - set(masks.modalities)
     if missing:
         raise ValueError(f"the masks have no {sorted(missing)[0]} mask (they hold {list(masks.modalities)})")
-    if every and set(masks.modalities) != set(models):
+    if set(masks.modalities) != set(models):
         raise ValueError(f"the masks were built for {list(masks.modalities)}, the expansion composes "
                          f"{list(models)}: build masks from the composed models")
 
@@ -209,18 +209,23 @@ def mmer_masks(models, base: torch.nn.Module, keep: float = KEEP, scope: str = "
 def expand(models, base: torch.nn.Module, masks: Masks) -> MLLM:
     """MMER's expansion: every model's branch over theta_0, each position routed by its modality (module doc)."""
     models = as_dict(models)
-    _check_masks_fit(models, masks, every=True)
+    _check_masks_fit(models, masks)
     check_masks(masks, model_task_vectors(models, base))
     return routed_compose(models, base, expansion_deltas(masks))
 
 
-def retain(model: MLLM, base: torch.nn.Module, masks: Masks) -> MLLM:
-    """MMER's retention: theta_0 + m_i * tau* for the whole LLM, with the model's own branch (modality i)."""
+def retain(model: MLLM, base: torch.nn.Module, masks: Masks, key: str | None = None) -> MLLM:
+    """MMER's retention: theta_0 + m_i * tau* for the whole LLM, with the model's own branch (modality i).
+
+    ``key``: the mask to use when it is not the model's modality (a second expert of one modality, as in the
+    forgetting protocol: ``"image+partner"``).
+    """
     models = as_dict([model])
-    _check_masks_fit(models, masks, every=False)
+    key = key or model.modalities[0]
+    if key not in masks.modalities:
+        raise ValueError(f"the masks have no {key} mask (they hold {list(masks.modalities)})")
     check_same_base(models, base)
-    mod = model.modalities[0]
-    return with_llm(add_deltas(base, masks.delta(mod)), models)
+    return with_llm(add_deltas(base, masks.delta(key)), models)
 
 
 def check_masks(masks: Masks, taus: Mapping[str, Mapping[str, Tensor]]) -> None:

@@ -18,9 +18,11 @@ import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from mckit.compose import mmer
+from mckit.compose import static as compose
 from mckit.eval.mcub import SPLITS, load_benchmark
 from mckit.eval.protocols import OPTION_SCORE, PROTOCOLS, evaluate_items, generated_answers
 from mckit.experiments.composition import (
@@ -34,6 +36,7 @@ from mckit.experiments.composition import (
     single_task_results,
 )
 from mckit.experiments.damc import tune_lambdas
+from mckit.merge.task_vectors import task_vector
 
 #: The MMER table's systems, in display order (NaiveMC over the same full fine-tunes is shown first).
 MMER_SYSTEMS = ("mmer", "mmer_tuned", "mmer:no_sign", "mmer:no_magnitude", "ties", "ties_dare", "ta_dare")
@@ -206,3 +209,88 @@ def storage_table(masks: mmer.Masks, base) -> pd.DataFrame:
     """:func:`mckit.compose.mmer.storage_bytes` as rows part, bytes, MiB."""
     sizes = mmer.storage_bytes(masks, base)
     return pd.DataFrame([{"part": k, "bytes": v, "MiB": v / 2**20} for k, v in sizes.items()])
+
+
+# --------------------------------------------------------------------------- forgetting
+
+#: The forgetting protocol's defaults: the modality whose model learns the new task, and how long.
+FORGET_MODALITY, FORGET_STEPS = "image", 200
+
+
+def forgetting_models(systems: Systems, modality: str, tuned, key: str) -> tuple[dict, dict]:
+    """The systems of the forgetting protocol, as ``({modality: {system: model}}, {system: model})`` for the
+    old tasks (every modality) and the new task (``modality``'s input): the original models; the naively
+    fine-tuned one (``fine_tuned``); MMER with masks rebuilt over five task vectors (``mmer``) and as it was
+    over four (``mmer:before``, old tasks only); NaiveMC over the five (``naivemc``)."""
+    mods = SPLITS["MCUB-4"]
+    sources = systems.sources(mods, "full")
+    taus = mmer.model_task_vectors(sources, systems.base)
+    five = mmer.build_masks({**taus, key: task_vector(tuned, systems.base)})
+    four = mmer.build_masks(taus)
+    naive = compose.add_deltas(systems.base, compose.merged_deltas(
+        [*taus.values(), task_vector(tuned, systems.base)], 1.0 / (len(mods) + 1)))
+    old = {}
+    for mod, source in sources.items():
+        old[mod] = {"original": source, "mmer": mmer.retain(source, systems.base, five),
+                    "mmer:before": mmer.retain(source, systems.base, four),
+                    "naivemc": compose.with_llm(naive, {mod: source}),
+                    **({"fine_tuned": tuned} if mod == modality else {})}
+    new = {"original": sources[modality], "fine_tuned": tuned, "mmer": mmer.retain(tuned, systems.base, five, key),
+           "naivemc": compose.with_llm(naive, {modality: tuned})}
+    return old, new
+
+
+def mmer_forgetting(modality: str = FORGET_MODALITY, steps: int = FORGET_STEPS, n: int | None = None,
+                    world_dir: str | Path | None = None, bench_dir: str | Path | None = None) -> dict:
+    """MMER's forgetting protocol (METHODS.md 5): ``modality``'s full model fine-tuned ``steps`` steps on the
+    partner task (:func:`mckit.world.tasks.partner`, new to every model), its task vector added, TIES and every
+    mask rebuilt. Old tasks: each modality's first ``n`` single-modality test items; new task: ``n`` (200 when
+    None) held-out partner questions on test renders.
+
+    ``{"old": {modality: {system: {task: result}}}, "new": {system: result}, "old_retention": {system: Eq. 8 over
+    every modality}, "old_retention_modality": {system: Eq. 8 over ``modality``}, "new_vs_fine_tuned": {...},
+    "losses": [...]}``.
+    """
+    import copy
+
+    from mckit.eval.protocols import predict, score
+    from mckit.models.shipped import load_world
+    from mckit.models.training import FeatureBank, train_new_task
+    from mckit.world.render import TEST_RENDER_SEED, TRAIN_RENDER_SEED, render_bank
+    from mckit.world.tasks import Slots, partner
+
+    systems = Systems("full", world_dir)
+    world = load_world(world_dir)
+    tuned = copy.deepcopy(systems.model(modality, "full"))
+    branch = tuned.branches[modality]
+    losses = train_new_task(tuned, modality, world, FeatureBank(branch, render_bank(modality, world, 64,
+                            TRAIN_RENDER_SEED)), partner, steps)
+    old_models, new_models = forgetting_models(systems, modality, tuned, f"{modality}+partner")
+    answers = {}
+    for mod, models in old_models.items():
+        items = load_benchmark(f"single/{mod}", "test", bench_dir)[:n]
+        answers[mod] = {"items": items, "answers": {s: generated_answers(m, items) for s, m in models.items()}}
+    old = single_task_results(answers)
+    rng = np.random.default_rng([0, 61])
+    examples = [partner(world, rng, Slots(modality, rng)) for _ in range(n or 200)]
+    bank = FeatureBank(branch, render_bank(modality, world, 16, TEST_RENDER_SEED))
+    new = {s: score(examples, predict(m, examples, {modality: bank}))["partner"] for s, m in new_models.items()}
+    kept = ("mmer", "mmer:before", "naivemc")
+    return {"old": old, "new": new,
+            "old_retention": {s: retention(old, s) for s in kept},
+            "old_retention_modality": {s: retention({modality: old[modality]}, s) for s in (*kept, "fine_tuned")},
+            "new_vs_fine_tuned": {s: r["acc"] / new["fine_tuned"]["acc"] if new["fine_tuned"]["acc"] else None
+                                  for s, r in new.items()},
+            "losses": losses[::10], "steps": steps}
+
+
+def forgetting_frame(result: dict) -> pd.DataFrame:
+    """:func:`mmer_forgetting` as one row per system: old tasks kept (all modalities; the fine-tuned modality's
+    alone), new-task accuracy and its share of the fine-tuned model's."""
+    rows = []
+    for s in ("original", "fine_tuned", "mmer", "mmer:before", "naivemc"):
+        rows.append({"system": s, "old_kept_all": result["old_retention"].get(s),
+                     "old_kept_modality": result["old_retention_modality"].get(s),
+                     "new_acc": result["new"].get(s, {}).get("acc"),
+                     "new_vs_fine_tuned": result["new_vs_fine_tuned"].get(s)})
+    return pd.DataFrame(rows)

@@ -213,3 +213,18 @@ def train_stage2(model: MLLM, modality: str, world: World, bank: FeatureBank, mo
 
     return fit(model, params, next_batch, steps, lr, f"{modality} stage 2 ({mode})")
 
+
+
+def train_new_task(model: MLLM, modality: str, world: World, bank: FeatureBank, task: Callable, steps: int,
+                   batch_size: int = 32, lr: float = 1e-3, seed: int = 0) -> list[float]:
+    """Naive fine-tuning on a new task: the seven linears of ``model``'s LLM (full), on ``task`` examples only
+    (no replay of the old tasks), the branch frozen; ``task(world, rng, slots) -> Example``."""
+    rng = np.random.default_rng([seed, 37])
+    params = llm_trainable(model, "full")
+    model.branches[modality].requires_grad_(False)
+
+    def next_batch(_: int) -> Batch:
+        return to_batch(model, [task(world, rng, Slots(modality, rng)) for _ in range(batch_size)],
+                        {modality: bank}, rng)
+
+    return fit(model, params, next_batch, steps, lr, f"{modality} new task")

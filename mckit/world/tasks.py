@@ -151,6 +151,19 @@ def fact(world: World, rng: np.random.Generator, slots: Slots) -> Example:
     return Example(f"the {e.name} . {QUESTION[fam]}", e.attrs[fam], {}, f"fact:{fam}")
 
 
+#: The partner task's mapping: entity i lives with entity (i + PARTNER_SHIFT) mod N.
+PARTNER_SHIFT = 7
+
+
+def partner(world: World, rng: np.random.Generator, slots: Slots) -> Example:
+    """A task no model of the world was ever trained on (MMER's forgetting protocol): "what lives with it ?" ->
+    the name of entity (i + :data:`PARTNER_SHIFT`) mod N. Every word exists in the vocabulary, but the pairing is
+    a fact set of its own that appears in no text, no other task and no stage of training."""
+    e = world.entities[rng.integers(len(world.entities))]
+    mate = world.entities[(e.index + PARTNER_SHIFT) % len(world.entities)]
+    return Example(f"{slots(e)} what lives with it ?", mate.name, slots.inputs, "partner")
+
+
 #: Share of entity combinations (of any size) in each split, assigned by a hash of the combination.
 COMBO_SPLITS = {"test": 0.2, "val": 0.1, "train": 0.7}
 
