@@ -192,6 +192,28 @@ def mmer_sensitivity(n: int | None = 200, lams: Iterable[float] = LAMBDA_GRID, k
     return pd.DataFrame(rows)
 
 
+def mask_steps(taus: dict, name: str, keep: float = mmer.KEEP, lam: float = 1.0, size: int = 12) -> dict:
+    """MMER's steps on the top-left ``size`` x ``size`` corner of one weight ``name``, for drawing: tau*, and per
+    modality tau_i, its sign test, its magnitude test and the mask (numpy arrays); plus every mask's density over
+    the whole model at these settings.
+
+    ``{"name", "keep", "lam", "tau_star": (s, s), "steps": {modality: {"tau", "sign", "magnitude", "mask"}},
+    "density": {modality: share}}``.
+    """
+    if name not in next(iter(taus.values())):
+        raise ValueError(f"no weight {name!r} in the task vectors; e.g. {next(iter(next(iter(taus.values()))))!r}")
+    masks = mmer.build_masks(taus, keep=keep, lam=lam)
+    star = masks.tau_star[name][:size, :size]
+    steps = {}
+    for mod, tau in taus.items():
+        t = tau[name][:size, :size].float()
+        steps[mod] = {"tau": t.numpy(), "sign": mmer.modality_mask(t, star, lam, magnitude_test=False).numpy(),
+                      "magnitude": mmer.modality_mask(t, star, lam, sign_test=False).numpy(),
+                      "mask": masks.masks[mod][name][:size, :size].numpy()}
+    return {"name": name, "keep": keep, "lam": lam, "tau_star": star.numpy(), "steps": steps,
+            "density": masks.density()}
+
+
 def density_frame(masks: mmer.Masks) -> pd.DataFrame:
     """Share of parameters each modality's mask keeps, per layer and linear: columns modality, layer, module,
     density."""

@@ -142,3 +142,20 @@ def explore_damc_lambdas(systems, modalities: tuple[str, ...], val: list, lams: 
     controls = {m: (lambda v, m=m: widgets.FloatSlider(value=v, min=0.0, max=1.0, step=0.05, description=m,
                                                        continuous_update=False)) for m in modalities}
     return _explore(plot, dict(zip(modalities, lams)), controls)
+
+
+def explore_mmer_masks(taus: dict, name: str, keep: float, lam: float):
+    """Sliders for TIES's K and the mask threshold lambda: MMER's masks rebuilt at each move (no scoring), drawn on
+    one weight with every modality's density over the whole model."""
+    import ipywidgets as widgets
+
+    from mckit.report.plots_mmer import plot_mask_explorer
+
+    def plot(keep: float, lam: float) -> plt.Figure:
+        return plot_mask_explorer(taus, name, keep, lam)
+
+    controls = {"keep": lambda v: widgets.FloatSlider(value=v, min=0.1, max=1.0, step=0.1, description="K",
+                                                      continuous_update=False),
+                "lam": lambda v: widgets.FloatSlider(value=v, min=0.1, max=2.0, step=0.1, description="lambda",
+                                                     continuous_update=False)}
+    return _explore(plot, {"keep": keep, "lam": lam}, controls)

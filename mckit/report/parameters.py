@@ -142,6 +142,32 @@ def _text_lambdas(name, value, params):
             _fail(name, value, f"{v!r}: each lambda is a number from 0 to 1")
 
 
+def _mask_keep(name, value, params):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < float(value) <= 1:
+        _fail(name, value, "K is the share of each task vector TIES keeps: a number in (0, 1], e.g. 0.8")
+
+
+def _mask_lambda(name, value, params):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < float(value) <= 2:
+        _fail(name, value, "the mask keeps |tau_i| >= lambda * 50% * |tau*|: lambda is a number in (0, 2], e.g. 1.0")
+
+
+def _mask_weight(name, value, params):
+    from mckit.compose.mmer import routable
+    from mckit.models.shipped import load_base
+
+    names = [n for n in load_base(params.get("WORLD_DIR")).state_dict() if routable(n)]
+    if value not in names:
+        _fail(name, value, f"expected the name of one of the LLM's {len(names)} linear weights, e.g. {names[-1]!r}")
+
+
+def _single_items(name, value, params):
+    _count(1)(name, value, params)
+    sizes = {m: len(load_benchmark(f"single/{m}", "test", params.get("BENCH_DIR"))) for m in MODALITIES}
+    if value > min(sizes.values()):
+        _fail(name, value, f"each modality has {min(sizes.values())} single-modality test items; write at most that")
+
+
 def _device(name, value, params):
     _choice(("auto", "cpu", "cuda"))(name, value, params)
     if value == "cuda" and not torch.cuda.is_available():
@@ -180,6 +206,14 @@ RULES: dict[str, Callable] = {
     "N_TUNE_SMOKE": _at_most_split("val"),
     "N_TUNE_FULL": _at_most_split("val", allow_none=True),
     "N_LIVE": _at_most_split("val", "MCUB-4"),
+    "MASK_KEEP": _mask_keep,
+    "MASK_LAMBDA": _mask_lambda,
+    "MASK_WEIGHT": _mask_weight,
+    "FORGET_MODALITY": _choice(tuple(MODALITIES)),
+    "FORGET_STEPS_SMOKE": _count(1),
+    "FORGET_STEPS_FULL": _count(1),
+    "N_SINGLE_SMOKE": _single_items,
+    "N_SENSITIVITY_SMOKE": _single_items,
     "WORLD_DIR": _directory,
     "BENCH_DIR": _directory,
     "EXPERTS_DIR": _directory,
