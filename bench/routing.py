@@ -1,6 +1,6 @@
 """Benchmark: the cost of per-token routing in the LLM's forward pass.
 
-    .venv/bin/python bench/routing.py [--system modality_routed|damc] [--batch 128] [--repeat 30] [--threads N]
+    .venv/bin/python bench/routing.py [--system modality_routed|damc|mmer] [--batch 128] [--repeat 30] [--threads N]
 
 On one input (the first ``--batch`` MCUB-4 test prompts of the shipped toy
 world, each with its four inputs, as the letter protocol batches them) it
@@ -8,10 +8,12 @@ times three composed 4-modality models:
 
 - plain:  one weight for every token, no routing (one matmul per linear): NaiveMC,
   theta_0 + mean_i tau_i, over the LoRA models (``--system damc``: theta_0 + the
-  merged text LoRAs, with the decoupled models' branches, so the batch is the same);
+  merged text LoRAs, with the decoupled models' branches, so the batch is the same; ``--system mmer``:
+  theta_0 + tau*, the TIES-merged task vector of the full fine-tunes);
 - routed: ``modality_routed``: text on NaiveMC's weights, each modality's tokens on its
   own model's (:func:`mckit.compose.routed.modality_routed`); ``damc``: DAMC over the
-  decoupled models (:func:`mckit.compose.damc.damc`, 11 positions per input).
+  decoupled models (:func:`mckit.compose.damc.damc`, 11 positions per input); ``mmer``: MMER's
+  expansion (:func:`mckit.compose.mmer.expand`: W0 + m_i tau* per modality, the mean mask for text).
   RoutedLinear groups the tokens of each route and runs each group once;
 - naive:  the same routed model, but every route's delta runs over the whole
   sequence and is then masked (:func:`mckit.models.routing.naive_routed_forward`).
@@ -29,6 +31,7 @@ import time
 
 import torch
 
+from mckit.compose import mmer
 from mckit.compose.damc import damc, model_deltas, text_deltas
 from mckit.compose.routed import modality_routed
 from mckit.compose.static import add_deltas, naivemc, with_llm
@@ -46,6 +49,10 @@ def composed(system: str):
         sources = {m: load_model(m, "decoupled") for m in mods}
         text = text_deltas(model_deltas(sources), base, [1 / len(mods)] * len(mods))
         return with_llm(add_deltas(base, text), sources), damc(sources, base)
+    if system == "mmer":
+        sources = {m: load_model(m, "full") for m in mods}
+        masks = mmer.mmer_masks(sources, base)
+        return with_llm(add_deltas(base, masks.tau_star), sources), mmer.expand(sources, base, masks)
     sources = {m: load_model(m, "lora") for m in mods}
     return naivemc(sources, base), modality_routed(sources, base)
 
@@ -55,7 +62,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128, help="prompts per forward (evaluation's batch size)")
     parser.add_argument("--repeat", type=int, default=30, help="timed rounds (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--system", default="modality_routed", choices=["modality_routed", "damc"])
+    parser.add_argument("--system", default="modality_routed", choices=["modality_routed", "damc", "mmer"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -189,14 +189,14 @@ def test_interrupted_experts_build_resumes_to_the_same_models(tmp_path, monkeypa
 
 
 def test_report_section_shows_kit_beside_paper(smoke_experts):
-    from mckit.report import reproduce
+    from mckit.report import sections
 
     caps = {"lora": merging_zoo.capability_table("lora", n_val=2, n_test=2, methods=["optmerge"],
                                                  experts_dir=smoke_experts)}
     modality = merging_zoo.modality_table("lora", n_val=4, n_test=4, methods=["ties"])
     # the shipped world holds the decoupled models: DAMC is a row (lora variant: NaiveMC is already over LoRA)
     assert set(modality) == {"single:image", "single:audio", "single:video", "naivemc", "damc", "ties"}
-    text = "\n".join(reproduce.zoo_section({"capabilities": caps, "rank_ratio": {}, "modalities": modality,
+    text = "\n".join(sections.zoo_section({"capabilities": caps, "rank_ratio": {}, "modalities": modality,
                                             "n_val_per_task": 2, "n_test_per_task": 2, "modality_variant": "lora"}))
     kit = 100 * caps["lora"]["optmerge"]["test"]["mean"]["acc"]
     assert f"| optmerge | {kit:.2f} | 63.30 |" in text

@@ -20,6 +20,8 @@ INJECTED = {
     "02_naivemc": {"VARIANT": "full", "MODALITIES": ["image", "audio", "video"], "ITEM": 3, "N_SMOKE": 60},
     "03_damc": {"SPLITS": ["MCUB-4"], "N_SMOKE": 16, "N_TUNE_SMOKE": 8, "N_LIVE": 8, "ITEM": 2,
                 "EXPLORE_LAMBDAS": [0.5, 0.25, 0.25, 0.1]},
+    "04_mmer": {"SPLITS": ["MCUB-4"], "N_SMOKE": 16, "N_TUNE_SMOKE": 8, "N_SINGLE_SMOKE": 8, "N_SENSITIVITY_SMOKE": 4,
+                "MASK_KEEP": 0.6, "MASK_LAMBDA": 0.8, "FORGET_MODALITY": "audio", "FORGET_STEPS_SMOKE": 10},
     "05_merging_zoo": {"REGIMES": ["lora"], "N_VAL_SMOKE": 4, "N_TEST_SMOKE": 8, "RANK_ABLATION": False,
                        "MODALITY_VARIANT": "lora", "N_MODALITY_SMOKE": 20, "N_MODALITY_VAL_SMOKE": 10},
     "06_mcub": {"DEVICE": "cpu", "VARIANT": "full", "N_SMOKE": 24, "SPLITS": ["MCUB-4", "MCUB-3-audio-video-point"]},

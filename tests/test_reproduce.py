@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mckit.report import reproduce
+from mckit.report import reproduce, sections
 
 
 def test_write_part_is_collected_into_results(tmp_path):
@@ -59,7 +59,7 @@ def test_seed_section_reports_spread_and_gaps():
             for s, accs in {0: (0.4, 0.7), 1: (0.5, 0.6)}.items()
             for name, acc in zip(("single:image", "naivemc"), accs)]
     rows[1]["gap_points"], rows[3]["gap_points"] = 30.0, 10.0
-    text = "\n".join(reproduce.seed_section(rows))
+    text = "\n".join(sections.seed_section(rows))
     assert "| single:image | 0.400 | 0.500 | 0.100 |" in text
     assert "seed 0: +30.0, seed 1: +10.0" in text
 
@@ -85,10 +85,40 @@ def test_damc_section_has_every_protocol_the_lambdas_retention_conflict_and_seed
             "single": {"retention": {"naivemc": 0.78, "damc": 0.93, "decoupled_vs_lora": 0.97},
                        "conflict": {"image": {"original": shares, "naivemc": shares, "damc": shares}}},
             "seeds": [{"seed": s, "system": name, "acc": 0.5 + s / 10} for s in (0, 1) for name in ("naivemc", "damc")]}
-    text = "\n".join(reproduce.damc_section(part))
+    text = "\n".join(sections.damc_section(part))
     assert "Protocol: `letter`" in text and "Protocol: `option_score`" in text
     assert "| damc | 0.700 [0.60, 0.80] |" in text
     assert "| ('MCUB-4', 'tuned') | 0.500 | 0.250 | 0.250 | 0.100 | 0.720 |" in text
     assert "| damc | 0.930 | the decoupled models |" in text
     assert "| image | original |" not in text and "| image | damc | 0.50 | 0.30 | 0.20 | 10 |" in text
     assert "| damc | 0.500 | 0.600 |" in text                   # seeds 0 and 1
+
+
+def test_mmer_section_has_every_protocol_retention_beside_the_paper_the_sweep_forgetting_and_storage():
+    def r(acc):
+        return {"acc": acc, "ci95": [acc - 0.1, acc + 0.1], "n": 40}
+
+    shares = {"own": 0.9, "other": 0.05, "invalid": 0.05, "n": 10}
+    part = {"mcub": {"MCUB-4": {"results": {p: {"naivemc": r(0.6), "mmer": r(0.8)} for p in ("letter", "option_score")},
+                                "lambdas": {"mmer_tuned": {"lam": [1.0, 0.8, 0.6, 1.2], "val": 0.9, "trace": []},
+                                            "ta_dare": {"lam": 0.5, "val": 0.8}}}},
+            "single": {"retention": {"naivemc": 0.81, "mmer": 0.995},
+                       "conflict": {"audio": {"original": shares, "naivemc": shares, "mmer": shares}}},
+            "sensitivity": [{"keep": k, "lam": lam, "threshold_pct": 50 * lam, "expansion": 0.9, "retention": k,
+                             "density": 0.5} for k in (0.4, 0.8) for lam in (0.6, 1.0)],
+            "forgetting": {"modality": "image", "steps": 200, "old_retention": {"mmer": 0.98, "naivemc": 0.77},
+                           "old_retention_modality": {"mmer": 0.97, "fine_tuned": 0.07},
+                           "new": {"fine_tuned": r(0.8), "mmer": r(0.7)},
+                           "new_vs_fine_tuned": {"fine_tuned": 1.0, "mmer": 0.875}},
+            "density": {"image": 0.5, "audio": 0.25},
+            "storage": {"base": 2**20, "tau_star": 2**20, "masks": 2**16, "mmer": 2**21 + 2**16,
+                        "separate_models": 2**22}}
+    text = "\n".join(sections.mmer_section(part))
+    assert "Protocol: `letter`" in text and "Protocol: `option_score`" in text
+    assert "| mmer | 0.800 [0.70, 0.90] |" in text
+    assert "| MCUB-4 | 1.000 | 0.800 | 0.600 | 1.200 | 0.900 | 0.500 |" in text
+    assert "| mmer | 0.995 | 99.400 |" in text and "| naivemc | 0.810 | 88.300 |" in text
+    assert "| audio | mmer | 0.90 | 0.05 | 0.05 | 10 |" in text
+    assert "| 0.4 | 0.400 | 0.400 |" in text                  # retention: K 0.4 at 30% and 50%
+    assert "image model fine-tuned 200 steps" in text and "| mmer | 0.980 | 0.970 | 0.700 | 0.875 |" in text
+    assert "audio 25.0% (paper 2.2%)" in text and "= 2.06 MiB, against 4.00 MiB" in text

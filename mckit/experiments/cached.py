@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from mckit.eval.mcub import SPLITS, default_root
-from mckit.experiments import composition, damc, merging_zoo
+from mckit.experiments import composition, damc, merging_zoo, mmer
 from mckit.models.shipped import default_experts_dir, default_world_dir
 from mckit.storage.atomic import atomic_write_text
 from mckit.storage.fingerprint import tree_fingerprint
@@ -62,6 +62,13 @@ EXPERIMENTS: dict[str, Experiment] = {
                                ("world_dir", "bench_dir"), "03_damc"),
     "damc_single": Experiment(damc.damc_single, {"n": None}, ("world_dir", "bench_dir"), "03_damc"),
     "damc_seeds": Experiment(damc.damc_seeds, {"n": None}, ("world_dir", "bench_dir"), "03_damc"),
+    "mmer_results": Experiment(mmer.mmer_results, {"n": None, "n_tune": None, "splits": list(SPLITS)},
+                               ("world_dir", "bench_dir"), "04_mmer"),
+    "mmer_single": Experiment(mmer.mmer_single, {"n": None}, ("world_dir", "bench_dir"), "04_mmer"),
+    "mmer_sensitivity": Experiment(mmer.mmer_sensitivity, {"n": 200}, ("world_dir", "bench_dir"), "04_mmer"),
+    "mmer_forgetting": Experiment(mmer.mmer_forgetting, {"modality": mmer.FORGET_MODALITY,
+                                  "steps": mmer.FORGET_STEPS, "n": None},
+                                  ("world_dir", "bench_dir"), "04_mmer"),
 }
 
 

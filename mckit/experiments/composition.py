@@ -129,6 +129,26 @@ def system_names(modalities: tuple[str, ...]) -> list[str]:
             + [f"control:all_projectors:{m}" for m in modalities] + ["control:frozen_stage2"])
 
 
+def every_split(run: Callable[[str, Callable[[str], None]], dict], steps: Callable[[str], int],
+                splits: Iterable[str], desc: str) -> dict:
+    """``{split: run(split, tick)}`` for every split under one progress bar; ``tick(label)`` advances it one step
+    and ``steps(split)`` is the most steps ``run`` makes on ``split`` (the bar jumps there when it made fewer)."""
+    from tqdm.auto import tqdm
+
+    splits = list(splits)
+    out, done = {}, 0
+    with tqdm(total=sum(steps(s) for s in splits), desc=desc) as bar:
+        for split in splits:
+            def tick(label: str, split: str = split) -> None:
+                bar.set_postfix_str(f"{split} {label}", refresh=False)
+                bar.update()
+
+            out[split] = run(split, tick)
+            done += steps(split)
+            bar.update(done - bar.n)
+    return out
+
+
 def _no_tick(label: str) -> None:
     """Default progress callback: nothing."""
 

@@ -27,6 +27,7 @@ from mckit.experiments.composition import (
     Systems,
     _no_tick,
     describe_conflict,
+    every_split,
     mcub_frame,
     retention,
     single_answers,
@@ -132,21 +133,9 @@ def damc_results(n: int | None = None, n_tune: int | None = None, splits: Iterab
                  variant: str = "lora", seed: int = 0, world_dir: str | Path | None = None,
                  bench_dir: str | Path | None = None) -> dict:
     """:func:`damc_split` for every split, with one progress bar: ``{split: damc_split(...)}``."""
-    from tqdm.auto import tqdm
-
-    splits = list(splits)
     systems = Systems(variant, world_dir, seed=seed)
-    out, done = {}, 0
-    with tqdm(total=sum(split_steps(s) for s in splits), desc="DAMC on MCUB") as bar:
-        for split in splits:
-            def tick(label: str, split: str = split) -> None:
-                bar.set_postfix_str(f"{split} {label}", refresh=False)
-                bar.update()
-
-            out[split] = damc_split(systems, split, n, n_tune, bench_dir=bench_dir, tick=tick)
-            done += split_steps(split)              # tuning may score fewer compositions than its maximum
-            bar.update(done - bar.n)
-    return out
+    return every_split(lambda split, tick: damc_split(systems, split, n, n_tune, bench_dir=bench_dir, tick=tick),
+                       split_steps, splits, "DAMC on MCUB")
 
 
 def damc_frame(results: dict) -> pd.DataFrame:

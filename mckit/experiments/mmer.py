@@ -31,6 +31,7 @@ from mckit.experiments.composition import (
     _no_tick,
     choose_lambda,
     describe_conflict,
+    every_split,
     mcub_frame,
     retention,
     single_task_results,
@@ -80,21 +81,9 @@ def split_steps(split: str) -> int:
 def mmer_results(n: int | None = None, n_tune: int | None = None, splits: Iterable[str] = SPLITS,
                  world_dir: str | Path | None = None, bench_dir: str | Path | None = None) -> dict:
     """:func:`mmer_split` for every split, with one progress bar: ``{split: mmer_split(...)}``."""
-    from tqdm.auto import tqdm
-
-    splits = list(splits)
     systems = Systems("full", world_dir)
-    out, done = {}, 0
-    with tqdm(total=sum(split_steps(s) for s in splits), desc="MMER on MCUB") as bar:
-        for split in splits:
-            def tick(label: str, split: str = split) -> None:
-                bar.set_postfix_str(f"{split} {label}", refresh=False)
-                bar.update()
-
-            out[split] = mmer_split(systems, split, n, n_tune, bench_dir=bench_dir, tick=tick)
-            done += split_steps(split)
-            bar.update(done - bar.n)
-    return out
+    return every_split(lambda split, tick: mmer_split(systems, split, n, n_tune, bench_dir=bench_dir, tick=tick),
+                       split_steps, splits, "MMER on MCUB")
 
 
 def mmer_frame(results: dict) -> pd.DataFrame:
@@ -271,7 +260,7 @@ def mmer_forgetting(modality: str = FORGET_MODALITY, steps: int = FORGET_STEPS, 
 
     ``{"old": {modality: {system: {task: result}}}, "new": {system: result}, "old_retention": {system: Eq. 8 over
     every modality}, "old_retention_modality": {system: Eq. 8 over ``modality``}, "new_vs_fine_tuned": {...},
-    "losses": [...]}``.
+    "losses": [...], "steps", "modality"}``.
     """
     import copy
 
@@ -303,7 +292,7 @@ def mmer_forgetting(modality: str = FORGET_MODALITY, steps: int = FORGET_STEPS, 
             "old_retention_modality": {s: retention({modality: old[modality]}, s) for s in (*kept, "fine_tuned")},
             "new_vs_fine_tuned": {s: r["acc"] / new["fine_tuned"]["acc"] if new["fine_tuned"]["acc"] else None
                                   for s, r in new.items()},
-            "losses": losses[::10], "steps": steps}
+            "losses": losses[::10], "steps": steps, "modality": modality}
 
 
 def forgetting_frame(result: dict) -> pd.DataFrame:
