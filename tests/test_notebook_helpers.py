@@ -117,3 +117,32 @@ def test_lambda_explorer_selects_precomputed_accuracies_and_redraws(monkeypatch)
     slider.value = 0.1
     assert [p.get_height() for p in drawn[-1].axes[1].patches] == [0.2, 0.4]
     plt.close("all")
+
+
+def test_damc_and_mmer_explorers_redraw_when_a_slider_moves(monkeypatch):
+    import IPython.display
+    import matplotlib.pyplot as plt
+
+    from mckit.compose import mmer
+    from mckit.eval.mcub import SPLITS, load_benchmark
+    from mckit.experiments.composition import Systems
+    from mckit.report import explore
+
+    four = SPLITS["MCUB-4"]
+    lora, full = Systems("lora"), Systems("full")
+    val = load_benchmark("MCUB-4", "val")[:4]
+    taus = mmer.model_task_vectors(full.sources(four, "full"), full.base)
+    name = "model.layers.3.mlp.down_proj.weight"
+    monkeypatch.setenv("MCKIT_HEADLESS", "1")
+    assert isinstance(explore.explore_mmer_masks(taus, name, 0.8, 1.0), plt.Figure)
+    monkeypatch.setenv("MCKIT_HEADLESS", "0")
+    drawn = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj, *a, **k: drawn.append(obj))
+    masks = explore.explore_mmer_masks(taus, name, 0.8, 1.0).widget
+    first = drawn[-1].axes[0].get_ylabel()                    # "image\nkeeps 57%": the density at K 0.8
+    masks.children[0].value = 0.2
+    assert len(drawn) == 2 and drawn[-1].axes[0].get_ylabel() != first
+    lams = explore.explore_damc_lambdas(lora, four, val, [0.25] * 4).widget
+    lams.children[0].value = 1.0
+    assert len(drawn) == 4 and all(isinstance(d, plt.Figure) for d in drawn)
+    plt.close("all")
