@@ -185,3 +185,49 @@ def test_bad_keep(taus, keep):
 def test_bad_scope(taus):
     with pytest.raises(ValueError, match="scope must be one of"):
         mmer.build_masks(taus, scope="layer")
+
+
+def test_partner_task_is_new_to_every_model_and_in_the_vocabulary():
+    from mckit.world.tasks import MODALITY_TASKS, PARTNER_SHIFT, TEXT_TASKS, Slots, partner
+
+    world = shipped.load_world()
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        slots = Slots("audio", rng)
+        ex = partner(world, rng, slots)
+        (index, _level), = slots.inputs["audio"]
+        assert ex.answer == world.entities[(index + PARTNER_SHIFT) % len(world.entities)].name != world.names[index]
+    tokenizer = shipped.load_model("audio", "full").tokenizer
+    text = chat(ex.prompt, ex.answer).replace("<audio>", "")      # the placeholder is the kit's, not a word
+    assert tokenizer.unk_token_id not in tokenizer(text)["input_ids"]
+    seen = [task(world, rng, Slots(mod, rng)).prompt for mod, table in ((None, TEXT_TASKS), ("image", MODALITY_TASKS))
+            for task in table.values() for _ in range(20)]
+    assert not any("lives" in prompt for prompt in seen)
+
+
+def test_forgetting_protocol_trains_only_the_llm_and_reports_every_system():
+    from mckit.experiments import mmer as experiments
+
+    out = experiments.mmer_forgetting("audio", steps=3, n=8)
+    assert out["modality"] == "audio" and out["steps"] == 3 and len(out["losses"]) == 1
+    assert set(out["new"]) == {"original", "fine_tuned", "mmer", "naivemc", "mask_on_own_vector"}
+    assert set(out["old"]) == set(MODS) and set(out["old"]["audio"]) >= {"original", "fine_tuned", "mmer"}
+    assert out["new_vs_fine_tuned"]["fine_tuned"] in (1.0, None)         # None: the fine-tuned model scored 0
+    frame = experiments.forgetting_frame(out)
+    assert list(frame["system"]) == ["original", "fine_tuned", "mmer", "mmer:before", "naivemc", "mask_on_own_vector"]
+
+
+def test_naive_fine_tuning_moves_the_llm_linears_only(full_models):
+    import copy
+
+    from mckit.models.training import FeatureBank, train_new_task
+    from mckit.world.render import TRAIN_RENDER_SEED, render_bank
+    from mckit.world.tasks import partner
+
+    world = shipped.load_world()
+    model = copy.deepcopy(full_models["point"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bank = FeatureBank(model.branches["point"], render_bank("point", world, 8, TRAIN_RENDER_SEED))
+    train_new_task(model, "point", world, bank, partner, 2, batch_size=4)
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved and all(mmer.routable(k) for k in moved), sorted(moved)[:5]

@@ -232,14 +232,17 @@ def forgetting_models(systems: Systems, modality: str, tuned, key: str) -> tuple
     """The systems of the forgetting protocol, as ``({modality: {system: model}}, {system: model})`` for the
     old tasks (every modality) and the new task (``modality``'s input): the original models; the naively
     fine-tuned one (``fine_tuned``); MMER with masks rebuilt over five task vectors (``mmer``) and as it was
-    over four (``mmer:before``, old tasks only); NaiveMC over the five (``naivemc``)."""
+    over four (``mmer:before``, old tasks only); NaiveMC over the five (``naivemc``). New task only: the new
+    mask on the fine-tuned model's own task vector, theta_0 + m_new * tau_new (``mask_on_own_vector``), which
+    tells the mask's selection from tau*'s values."""
     mods = SPLITS["MCUB-4"]
     sources = systems.sources(mods, "full")
     taus = mmer.model_task_vectors(sources, systems.base)
-    five = mmer.build_masks({**taus, key: task_vector(tuned, systems.base)})
+    new_tau = task_vector(tuned, systems.base)
+    five = mmer.build_masks({**taus, key: new_tau})
     four = mmer.build_masks(taus)
-    naive = compose.add_deltas(systems.base, compose.merged_deltas(
-        [*taus.values(), task_vector(tuned, systems.base)], 1.0 / (len(mods) + 1)))
+    naive = compose.add_deltas(systems.base, compose.merged_deltas([*taus.values(), new_tau], 1.0 / (len(mods) + 1)))
+    own = compose.add_deltas(systems.base, {n: m * new_tau[n].float() for n, m in five.masks[key].items()})
     old = {}
     for mod, source in sources.items():
         old[mod] = {"original": source, "mmer": mmer.retain(source, systems.base, five),
@@ -247,7 +250,8 @@ def forgetting_models(systems: Systems, modality: str, tuned, key: str) -> tuple
                     "naivemc": compose.with_llm(naive, {mod: source}),
                     **({"fine_tuned": tuned} if mod == modality else {})}
     new = {"original": sources[modality], "fine_tuned": tuned, "mmer": mmer.retain(tuned, systems.base, five, key),
-           "naivemc": compose.with_llm(naive, {modality: tuned})}
+           "naivemc": compose.with_llm(naive, {modality: tuned}),
+           "mask_on_own_vector": compose.with_llm(own, {modality: tuned})}
     return old, new
 
 
@@ -299,7 +303,7 @@ def forgetting_frame(result: dict) -> pd.DataFrame:
     """:func:`mmer_forgetting` as one row per system: old tasks kept (all modalities; the fine-tuned modality's
     alone), new-task accuracy and its share of the fine-tuned model's."""
     rows = []
-    for s in ("original", "fine_tuned", "mmer", "mmer:before", "naivemc"):
+    for s in ("original", "fine_tuned", "mmer", "mmer:before", "naivemc", "mask_on_own_vector"):
         rows.append({"system": s, "old_kept_all": result["old_retention"].get(s),
                      "old_kept_modality": result["old_retention_modality"].get(s),
                      "new_acc": result["new"].get(s, {}).get("acc"),
