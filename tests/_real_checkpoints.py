@@ -1,0 +1,88 @@
+"""Tiny random checkpoints of the real MLLM classes, saved by ``save_pretrained`` in their real on-disk layout.
+
+Two text backbones: a Llama ("vicuna") one shared by LLaVA, Video-LLaVA and LLaVA-NeXT-Video, and a Qwen2.5 one
+shared by Qwen2.5-VL, the Omni thinker and Audio Flamingo 3; Qwen2-Audio sits on a different Qwen (wider), as
+the real one sits on Qwen-7B. Seeded: each build gives the same weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+LLAMA_TEXT = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=320, max_position_embeddings=512, pad_token_id=0)
+MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+QWEN_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=320, max_position_embeddings=512, pad_token_id=0)
+CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+            patch_size=14)
+QWEN_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                   fullatt_block_indexes=[1], window_size=28, patch_size=14, spatial_merge_size=2,
+                   temporal_patch_size=2)
+WHISPER = dict(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=16,
+               max_source_positions=50)
+
+
+def _llava():
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+    return LlavaForConditionalGeneration(LlavaConfig(text_config=LLAMA_TEXT, vision_config=CLIPVisionConfig(**CLIP)
+                                                     .to_dict(), image_token_index=300))
+
+
+def _video_llava():
+    from transformers import CLIPVisionConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+    return VideoLlavaForConditionalGeneration(VideoLlavaConfig(
+        text_config=LLAMA_TEXT, vision_config=CLIPVisionConfig(**CLIP).to_dict(), image_token_index=300,
+        video_token_index=301))
+
+
+def _llava_next_video():
+    from transformers import CLIPVisionConfig, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+    return LlavaNextVideoForConditionalGeneration(LlavaNextVideoConfig(
+        text_config=LLAMA_TEXT, vision_config=CLIPVisionConfig(**CLIP).to_dict(), image_token_index=300,
+        video_token_index=301))
+
+
+def _qwen2_5_vl():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=dict(QWEN_TEXT, rope_parameters=MROPE),
+                                                               vision_config=QWEN_VISION))
+
+
+def _omni_thinker():
+    from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+    return Qwen2_5OmniThinkerForConditionalGeneration(Qwen2_5OmniThinkerConfig(
+        text_config=dict(QWEN_TEXT, rope_parameters=MROPE), vision_config=QWEN_VISION,
+        audio_config=dict(WHISPER, output_dim=64, n_window=10)))
+
+
+def _audio_flamingo():
+    from transformers import AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration
+    return AudioFlamingo3ForConditionalGeneration(AudioFlamingo3Config(
+        text_config=dict(QWEN_TEXT, model_type="qwen2"), audio_token_id=300,
+        audio_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          num_mel_bins=16, max_source_positions=50)))
+
+
+def _qwen2_audio():
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+    return Qwen2AudioForConditionalGeneration(Qwen2AudioConfig(
+        text_config=dict(QWEN_TEXT, model_type="qwen2", hidden_size=96), audio_config=WHISPER, audio_token_index=300))
+
+
+BUILDERS = {"llava": _llava, "video_llava": _video_llava, "llava_next_video": _llava_next_video,
+            "qwen2_5_vl": _qwen2_5_vl, "qwen2_5_omni_thinker": _omni_thinker, "audioflamingo3": _audio_flamingo,
+            "qwen2_audio": _qwen2_audio}
+#: Which sources share a language model.
+LLAMA_BASED = ("llava", "video_llava", "llava_next_video")
+QWEN25_BASED = ("qwen2_5_vl", "qwen2_5_omni_thinker", "audioflamingo3")
+
+
+def build(kind: str, out: Path, seed: int = 0):
+    """Save a tiny random ``kind`` model to ``out`` (its real on-disk layout) and return the model."""
+    torch.manual_seed(seed)
+    model = BUILDERS[kind]().eval()
+    model.save_pretrained(out)
+    return model

@@ -1,0 +1,101 @@
+"""Real checkpoint families on tiny random models saved in their real layout: the key maps, strict loads of the
+language model, its logits against the native class's, and the checks that two sources share one LLM."""
+
+import json
+
+import pytest
+import torch
+from _real_checkpoints import BUILDERS, LLAMA_BASED, QWEN25_BASED, build
+
+from mckit.models.families import (
+    FAMILIES,
+    FamilyError,
+    check_same_text_base,
+    family_of,
+    llm_name,
+    llm_names,
+    read_config,
+)
+from mckit.models.mllm import MLLM
+from mckit.models.real_llm import MRoPECausalLM, load_text_llm, read_llm_state
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """{kind: (folder, native model)} for every family the tests build."""
+    root = tmp_path_factory.mktemp("real")
+    return {kind: (root / kind, build(kind, root / kind)) for kind in BUILDERS}
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_key_map_covers_the_language_model_exactly_once(saved, kind):
+    folder, native = saved[kind]
+    state = read_llm_state(folder)
+    memory = {k for k in native.state_dict()}
+    family = family_of(read_config(folder))
+    from_memory = llm_names(family, memory)
+    assert set(state) == set(from_memory)                         # disk and memory layouts map to the same names
+    assert "lm_head.weight" in state and "model.embed_tokens.weight" in state
+    assert all(k.startswith("model.") or k == "lm_head.weight" for k in state)
+    native_state = native.state_dict()
+    for mapped, name in from_memory.items():
+        assert torch.equal(state[mapped], native_state[name]), mapped
+    towers = [n for n in memory if any(t in n for t in ("visual", "tower", "projector", "image_newline"))]
+    assert towers and all(llm_name(family, n) is None for n in towers)
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_language_model_alone_gives_the_native_text_logits(saved, kind):
+    folder, native = saved[kind]
+    llm = load_text_llm(folder)
+    ids = torch.tensor([[5, 17, 42, 9, 250, 3, 77]])
+    with torch.no_grad():
+        want = native(input_ids=ids).logits                 # text only: every family's positions are 0 .. L-1
+        got = llm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert isinstance(llm, MRoPECausalLM) == (family_of(read_config(folder)).positions == "mrope")
+
+
+def test_mrope_language_model_plugs_into_the_kits_mllm_with_3d_positions(saved):
+    from mckit.models.adapters import MRoPEAdapter
+
+    llm = load_text_llm(saved["qwen2_5_vl"][0])
+    model = MLLM(llm, tokenizer=None, branches={})
+    assert isinstance(model.adapter, MRoPEAdapter)
+    ids = torch.tensor([[5, 17, 42, 9]])
+    pos = model.adapter.position_ids(torch.ones_like(ids), [[]])
+    with torch.no_grad():
+        a = llm(input_ids=ids, position_ids=pos).logits
+        b = llm(input_ids=ids).logits
+    assert pos.shape == (3, 1, 4) and torch.allclose(a, b, atol=1e-6)
+
+
+def test_sources_on_one_llm_pass_and_another_llm_is_named(saved):
+    llama = {k: read_config(saved[k][0]) for k in LLAMA_BASED}
+    qwen = {k: read_config(saved[k][0]) for k in QWEN25_BASED}
+    check_same_text_base(llama)
+    check_same_text_base(qwen)
+    with pytest.raises(FamilyError, match=r"qwen2_audio: its language model differs from qwen2_5_vl's: hidden_size 96"):
+        check_same_text_base({"qwen2_5_vl": qwen["qwen2_5_vl"], "qwen2_audio": read_config(saved["qwen2_audio"][0])})
+    with pytest.raises(FamilyError, match="llava: its language model differs .*architecture llama .vs qwen2."):
+        check_same_text_base({"qwen2_5_vl": qwen["qwen2_5_vl"], "llava": llama["llava"]})
+
+
+def test_unknown_family_missing_config_and_missing_shard_are_named(saved, tmp_path):
+    with pytest.raises(FamilyError, match=r"model_type 'gpt2' is not a family the kit knows; supported: .*llava"):
+        family_of({"model_type": "gpt2"}, "some/model")
+    with pytest.raises(FamilyError, match=r"config.json: not found"):
+        read_config(tmp_path)
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    (folder / "config.json").write_text((saved["llava"][0] / "config.json").read_text())
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"language_model.lm_head.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(FamilyError, match="shard model-00002-of-00002.safetensors listed in .* is missing"):
+        load_text_llm(folder)
+
+
+def test_every_family_names_a_class_of_transformers():
+    import transformers
+
+    assert all(hasattr(transformers, f.cls) for f in FAMILIES.values())
