@@ -86,3 +86,15 @@ def build(kind: str, out: Path, seed: int = 0):
     model = BUILDERS[kind]().eval()
     model.save_pretrained(out)
     return model
+
+
+def word_tokenizer(vocab_size: int = 300):
+    """A word-level tokenizer over ``w4`` .. ``w{vocab_size-1}`` (ids 4 ..) with <pad> 0, <unk> 1, <s> 2, </s> 3."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, **{f"w{i}": i for i in range(4, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")

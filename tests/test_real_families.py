@@ -99,3 +99,73 @@ def test_every_family_names_a_class_of_transformers():
     import transformers
 
     assert all(hasattr(transformers, f.cls) for f in FAMILIES.values())
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from _real_checkpoints import word_tokenizer
+
+    return word_tokenizer()
+
+
+def _native_logits(native, ids: list[int], **pixels) -> torch.Tensor:
+    with torch.no_grad():
+        return native(input_ids=torch.tensor([ids]), **pixels).logits
+
+
+@pytest.mark.parametrize("kind, modality, token, keyword", [
+    ("llava", "image", "image_token_index", "pixel_values"),
+    ("video_llava", "image", "image_token_index", "pixel_values_images"),
+    ("video_llava", "video", "video_token_index", "pixel_values_videos")])
+def test_each_source_alone_in_a_composed_model_gives_its_native_logits(saved, tokenizer, kind, modality, token,
+                                                                        keyword):
+    from mckit.models.real_branches import load_branch
+
+    folder, native = saved[kind]
+    other = "video_llava" if kind == "llava" else "llava"
+    branches = {modality: load_branch(folder, modality)}
+    branches.update({m: load_branch(saved[other][0], m) for m in ("image", "video") if m not in branches
+                     and (m == "image" or other == "video_llava")})
+    composed = MLLM(load_text_llm(folder), tokenizer, branches)     # this source's LLM, every branch
+    torch.manual_seed(1)
+    x = torch.randn(1, *branches[modality].input_shape)
+    batch = composed.batch([f"w5 w17 <{modality}> w42 w9"], [{modality: [x[0]]}])
+    with torch.no_grad():
+        got = composed(batch).logits
+    n = branches[modality].n_tokens
+    ids = [5, 17] + [getattr(native.config, token)] * n + [42, 9]
+    want = _native_logits(native, ids, **{keyword: x})
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_a_branch_reads_only_its_tower_and_names_what_it_cannot_load(saved, tmp_path, monkeypatch):
+    from mckit.models import real_branches
+
+    read = []
+    real_open = real_branches.safe_open
+
+    def spy(file, framework):
+        handle = real_open(file, framework)
+        get = handle.get_tensor
+        handle_get = lambda name: (read.append(name), get(name))[1]  # noqa: E731
+        return _Spy(handle, handle_get)
+
+    monkeypatch.setattr(real_branches, "safe_open", spy)
+    real_branches.load_branch(saved["video_llava"][0], "video")
+    assert read and all(n.startswith(("video_tower.", "multi_modal_projector.")) for n in read)
+    with pytest.raises(FamilyError, match="audio inputs of llava are not supported"):
+        real_branches.load_branch(saved["llava"][0], "audio")
+
+
+class _Spy:
+    """A safe_open handle whose get_tensor is recorded (context manager like the real one)."""
+
+    def __init__(self, handle, get):
+        self.handle, self.get_tensor = handle, get
+
+    def __enter__(self):
+        self.handle.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.handle.__exit__(*exc)
