@@ -98,3 +98,16 @@ def word_tokenizer(vocab_size: int = 300):
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>")
+
+
+def build_base(kind: str, out: Path, seed: int = 0):
+    """A plain language model with the text config of ``kind``'s family (the base the sources share), saved with a
+    word tokenizer; returns the model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    text = dict(LLAMA_TEXT) if kind in LLAMA_BASED else dict(QWEN_TEXT, model_type="qwen2")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(text.pop("model_type"), **text)).eval()
+    model.save_pretrained(out)
+    word_tokenizer().save_pretrained(out)
+    return model

@@ -27,14 +27,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="base checkpoint directory (theta_0)")
     p.add_argument("--models", required=True, nargs="+", help="fine-tuned checkpoint directories (theta_i)")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    for option, methods in _options().items():
-        defaults = ", ".join(f"{m}: {get(m).defaults()[option.name]}" for m in methods)
-        kind = {"by": str, "steps": int}.get(option.name, float)
-        p.add_argument(f"--{option.name.replace('_', '-')}", type=kind, choices=["count", "weight"] if kind is str
-                       else None, help=f"{option.help} (default {defaults})")
-    p.add_argument("--scope", choices=["tensor", "global"], default="tensor",
-                   help="TIES top-k per tensor or over all merged tensors (default tensor)")
-    p.add_argument("--seed", type=int, default=SEED.default, help=f"{SEED.help} (default {SEED.default})")
+    add_method_options(p)
     p.add_argument("--include", default=DEFAULT_INCLUDE,
                    help="regex of tensor names to merge, others are copied from the base "
                         "(default: the language model's q/k/v/o/gate/up/down_proj weights, never a vision or "
@@ -45,6 +38,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
+
+
+def add_method_options(p: argparse.ArgumentParser) -> None:
+    """Every merging method's options as flags (each once, with every method's default), ``--scope``, ``--seed``."""
+    for option, methods in _options().items():
+        defaults = ", ".join(f"{m}: {get(m).defaults()[option.name]}" for m in methods)
+        kind = {"by": str, "steps": int}.get(option.name, float)
+        p.add_argument(f"--{option.name.replace('_', '-')}", type=kind, choices=["count", "weight"] if kind is str
+                       else None, help=f"{option.help} (default {defaults})")
+    p.add_argument("--scope", choices=["tensor", "global"], default="tensor",
+                   help="TIES top-k per tensor or over all merged tensors (default tensor)")
+    p.add_argument("--seed", type=int, default=SEED.default, help=f"{SEED.help} (default {SEED.default})")
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    """The method options given on the command line (the others keep the method's defaults)."""
+    return {k: getattr(args, k) for k in OPTION_NAMES if getattr(args, k) is not None}
 
 
 def _options() -> dict:
@@ -63,7 +73,7 @@ OPTION_NAMES = tuple(dict.fromkeys(o for m in METHODS for o in user_options(m)))
 
 def run(args: argparse.Namespace) -> int:
     """Run the merge; returns 0, or 2 after printing a one-line error."""
-    options = {k: getattr(args, k) for k in OPTION_NAMES if getattr(args, k) is not None}
+    options = method_options(args)
     try:
         out = merge_checkpoints(args.method, args.base, args.models, args.out, include=args.include,
                                 scope=args.scope, seed=args.seed, overwrite=args.overwrite,

@@ -63,6 +63,7 @@ from mckit.storage.tensorfiles import (
     SINGLE_FILE,
     BlockReader,
     Checkpoint,
+    RenamedView,
     ShardWriter,
     plan_shards,
 )
@@ -163,22 +164,34 @@ def merge_checkpoints(method: str, base: str | Path, experts: Sequence[str | Pat
     ``".*"`` merges everything.  ``scope``: "tensor" or "global" top-k for TIES.
     Returns ``out``.  Raises :class:`MergeError` (a ``ValueError``) on bad input.
     """
-    options = _resolve_options(method, options, scope, seed)
     out = Path(out)
     if not experts:
         raise MergeError("no expert checkpoints given")
     prepare_out(out, overwrite, [Path(base), *map(Path, experts)])
     check_distinct(Path(base), [Path(e) for e in experts])
-    base_ck = open_checkpoint(base)
-    expert_cks = [open_checkpoint(e) for e in experts]
-    merged = merged_names(base_ck.names, include)
-    validate_inputs(base_ck, expert_cks, merged, allow_vocab_mismatch)
-    thresholds = _global_thresholds(method, base_ck, expert_cks, merged, options) if scope == "global" else None
-    run = _MergeRun(method, base_ck, expert_cks, set(merged), options, thresholds)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    return merge_views(method, open_checkpoint(base), [open_checkpoint(e) for e in experts], out, include=include,
+                       scope=scope, seed=seed, overwrite=overwrite, allow_vocab_mismatch=allow_vocab_mismatch,
+                       max_shard_bytes=max_shard_bytes, progress=progress, **options)
+
+
+def merge_views(method: str, base: Checkpoint | RenamedView, experts: Sequence[Checkpoint | RenamedView],
+                out: Path, *, include: str = DEFAULT_INCLUDE, scope: str = "tensor", seed: int = 0,
+                overwrite: bool = False, allow_vocab_mismatch: bool = False,
+                max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True, side_files: bool = True,
+                **options) -> Path:
+    """:func:`merge_checkpoints` over opened checkpoints or renamed views of them (the output's tensors take the
+    view's names); the output path is the caller's to check. ``side_files``: copy config and tokenizer files
+    from the base's folder."""
+    options = _resolve_options(method, options, scope, seed)
+    merged = merged_names(base.names, include)
+    validate_inputs(base, list(experts), merged, allow_vocab_mismatch)
+    thresholds = _global_thresholds(method, base, list(experts), merged, options) if scope == "global" else None
+    run = _MergeRun(method, base, list(experts), set(merged), options, thresholds)
+    with atomic_dir(Path(out), overwrite=overwrite) as tmp:
         _write_merge(run, tmp, max_shard_bytes, progress)
-        _copy_side_files(base_ck.path, tmp)
-    return out
+        if side_files:
+            _copy_side_files(base.path, tmp)
+    return Path(out)
 
 
 def _write_merge(run: "_MergeRun", tmp: Path, max_shard_bytes: int, progress: bool) -> None:
@@ -224,8 +237,8 @@ class _MergeRun:
     """One merge in progress: its inputs and settings, and how each output tensor is made."""
 
     method: str
-    base: Checkpoint
-    experts: list[Checkpoint]
+    base: Checkpoint | RenamedView
+    experts: list[Checkpoint | RenamedView]
     merged: set[str]
     options: dict
     thresholds: list[float] | None

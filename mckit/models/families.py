@@ -109,7 +109,10 @@ def family_of(config: dict, source: str | Path = "checkpoint") -> Family:
 
 
 def text_config(config: dict) -> dict:
-    """The language model's config inside a multimodal one (``text_config``; the Omni model's thinker's)."""
+    """The language model's config inside a multimodal one (``text_config``; the Omni model's thinker's); a plain
+    language model's config is its own."""
+    if "text_config" not in config and "thinker_config" not in config and config.get("model_type") in ARCHITECTURES:
+        return config                                            # a plain language model (the base)
     inner = config.get("thinker_config", config)
     text = inner.get("text_config")
     if not isinstance(text, dict):

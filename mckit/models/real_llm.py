@@ -53,13 +53,16 @@ class MRoPECausalLM(nn.Module):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
 
 
-def text_llm_from_config(config: dict) -> nn.Module:
-    """An empty causal LM (random weights) for a multimodal checkpoint's ``config`` dict."""
-    text = dict(text_config(config))
+def causal_lm(text: dict, mrope: bool) -> nn.Module:
+    """A causal LM (random weights) for the text config dict ``text``; ``mrope``: Qwen's 3-D rotary positions."""
+    text = dict(text)
     cfg = AutoConfig.for_model(text.pop("model_type"), **text)
-    if family_of(config).positions == "mrope":
-        return MRoPECausalLM(cfg)
-    return AutoModelForCausalLM.from_config(cfg)
+    return MRoPECausalLM(cfg) if mrope else AutoModelForCausalLM.from_config(cfg)
+
+
+def text_llm_from_config(config: dict) -> nn.Module:
+    """A causal LM (random weights) for a multimodal checkpoint's ``config`` dict."""
+    return causal_lm(text_config(config), family_of(config).positions == "mrope")
 
 
 def read_llm_state(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

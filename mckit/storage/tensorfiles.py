@@ -316,3 +316,39 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
     while len(view):
         n = os.pwrite(fd, view[:_IO_CHUNK], offset)
         view, offset = view[n:], offset + n
+
+
+class RenamedView:
+    """Some tensors of a :class:`Checkpoint` under other names, zero-copy (the same files and offsets): what the
+    merge engine reads when a model keeps its language model under a prefix (``language_model.model.*``).
+
+    ``names``: {name in the view: name in the checkpoint}; ``config``: what :meth:`config` returns (e.g. the
+    language model's own config inside a multimodal one).
+    """
+
+    def __init__(self, checkpoint: Checkpoint, names: dict[str, str], config: dict | None = None):
+        self.checkpoint, self.path = checkpoint, checkpoint.path
+        self._names = dict(names)
+        self._config = config
+        self.names = list(self._names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._names
+
+    def info(self, name: str) -> TensorInfo:
+        return self.checkpoint.info(self._names[name])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.info(name).shape
+
+    def dtype_code(self, name: str) -> str:
+        return self.info(name).code
+
+    def file_of(self, name: str) -> Path:
+        return self.info(name).file
+
+    def array(self, name: str) -> np.ndarray:
+        return read_array(self.info(name))
+
+    def config(self) -> dict:
+        return self.checkpoint.config() if self._config is None else self._config

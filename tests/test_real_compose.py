@@ -1,0 +1,79 @@
+"""`python -m mckit compose` on tiny random checkpoints in their real layouts: the streamed merge equals the
+in-memory one, the folder opens with plain transformers and with `load_composed`, bad input writes nothing."""
+
+import json
+
+import pytest
+import torch
+from _real_checkpoints import build, build_base
+
+from mckit.__main__ import main
+from mckit.compose.checkpoints import compose_checkpoints, load_composed
+from mckit.merge.engine import merge_state_dict
+from mckit.models.families import FamilyError
+from mckit.models.real_llm import read_llm_state
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compose")
+    base = build_base("llava", root / "vicuna")
+    return {"root": root, "base": (root / "vicuna", base), "llava": (root / "llava", build("llava", root / "llava", 1)),
+            "video_llava": (root / "video_llava", build("video_llava", root / "video_llava", 2))}
+
+
+def test_streamed_merge_of_real_layouts_equals_the_in_memory_merge(llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = compose_checkpoints("ties", llama["base"][0], [str(llama["llava"][0]), f"{llama['video_llava'][0]}:video"],
+                              tmp_path / "composed", progress=False, keep=0.5, lam=0.7)
+    want = merge_state_dict("ties", llama["base"][1].state_dict(),
+                            [read_llm_state(llama[k][0]) for k in ("llava", "video_llava")], keep=0.5, lam=0.7)
+    llm, info = AutoModelForCausalLM.from_pretrained(out / "llm", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    got = llm.state_dict()
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        assert torch.allclose(got[name], tensor, atol=1e-6), name
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["branches"] == {"image": "branches/image", "video": "branches/video"}
+    assert manifest["sources"][1]["modalities"] == ["video"] and manifest["positions"] == "1d"
+
+
+def test_one_source_composed_alone_answers_like_its_native_model(llama, tmp_path):
+    """Merged linears, and every other LLM tensor from the base: a base that is the source's own LLM gives the
+    source back exactly."""
+    from _real_checkpoints import word_tokenizer
+
+    from mckit.models.real_llm import load_text_llm
+
+    load_text_llm(llama["llava"][0]).save_pretrained(tmp_path / "own")
+    word_tokenizer().save_pretrained(tmp_path / "own")
+    out = compose_checkpoints("average", tmp_path / "own", [f"{llama['llava'][0]}:image"], tmp_path / "one",
+                              progress=False)
+    model = load_composed(out)
+    assert model.modalities == ["image"] and model.tokenizer is not None
+    torch.manual_seed(3)
+    x = torch.randn(1, *model.branches["image"].input_shape)
+    with torch.no_grad():
+        got = model(model.batch(["w5 w17 <image> w42 w9"], [{"image": [x[0]]}])).logits
+        native = llama["llava"][1]
+        ids = [5, 17] + [native.config.image_token_index] * model.branches["image"].n_tokens + [42, 9]
+        want = native(input_ids=torch.tensor([ids]), pixel_values=x).logits
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_bad_compositions_are_named_and_write_nothing(llama, tmp_path):
+    qwen = build("qwen2_audio", llama["root"] / "qwen2_audio")
+    assert qwen is not None
+    cases = [([str(llama["root"] / "qwen2_audio")], "qwen2_audio: its language model differs"),
+             ([f"{llama['llava'][0]}:image", f"{llama['video_llava'][0]}:image"], "image is given by both"),
+             ([f"{llama['llava'][0]}:audio"], "gives no audio branch"),
+             ([str(llama["llava"][0]), str(llama["llava"][0])], "same checkpoint")]
+    for sources, message in cases:
+        with pytest.raises((FamilyError, ValueError), match=message):
+            compose_checkpoints("average", llama["base"][0], sources, tmp_path / "bad", progress=False)
+        assert not (tmp_path / "bad").exists()
+    code = main(["compose", "--method", "ties", "--base", str(llama["base"][0]), "--sources",
+                 str(llama["root"] / "qwen2_audio"), "--out", str(tmp_path / "bad")])
+    assert code == 2 and not (tmp_path / "bad").exists()
