@@ -77,3 +77,24 @@ def test_bad_compositions_are_named_and_write_nothing(llama, tmp_path):
     code = main(["compose", "--method", "ties", "--base", str(llama["base"][0]), "--sources",
                  str(llama["root"] / "qwen2_audio"), "--out", str(tmp_path / "bad")])
     assert code == 2 and not (tmp_path / "bad").exists()
+
+
+def test_merge_command_on_real_qwen_layouts_merges_the_llm_and_copies_the_vision_tower(tmp_path):
+    """The OptMerge setting: experts of one Qwen-VL base merged in their on-disk layout (``model.*`` + ``visual.*``);
+    the vision tower and merger come from the base, the language model's linears are merged."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from mckit.merge.engine import merge_checkpoints
+
+    models = [build("qwen2_5_vl", tmp_path / name, seed) for seed, name in enumerate(("base", "ocr", "chart"))]
+    out = merge_checkpoints("ties", tmp_path / "base", [tmp_path / "ocr", tmp_path / "chart"], tmp_path / "merged",
+                            progress=False)
+    merged, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    got, states = merged.state_dict(), [m.state_dict() for m in models]
+    visual = [n for n in got if ".visual." in n]
+    assert visual and all(torch.equal(got[n], states[0][n]) for n in visual)
+    want = merge_state_dict("ties", states[0], states[1:], include=r".*language_model\.layers\.\d+\..*_proj\.weight")
+    linears = [n for n in got if "language_model.layers" in n and n.endswith("_proj.weight")]
+    assert linears and all(torch.allclose(got[n], want[n], atol=1e-6) for n in linears)
+    assert not torch.equal(got[linears[0]], states[0][linears[0]])
