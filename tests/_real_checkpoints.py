@@ -21,6 +21,8 @@ CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atten
 QWEN_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                    fullatt_block_indexes=[1], window_size=28, patch_size=14, spatial_merge_size=2,
                    temporal_patch_size=2)
+#: Qwen's special token ids, moved inside the tiny vocabulary (image, video, vision start, vision end).
+QWEN_IDS = dict(image_token_id=300, video_token_id=301, vision_start_token_id=302, vision_end_token_id=303)
 WHISPER = dict(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=16,
                max_source_positions=50)
 
@@ -48,7 +50,7 @@ def _llava_next_video():
 def _qwen2_5_vl():
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=dict(QWEN_TEXT, rope_parameters=MROPE),
-                                                               vision_config=QWEN_VISION))
+                                                               vision_config=QWEN_VISION, **QWEN_IDS))
 
 
 def _omni_thinker():
@@ -88,7 +90,7 @@ def build(kind: str, out: Path, seed: int = 0):
     return model
 
 
-def word_tokenizer(vocab_size: int = 300):
+def word_tokenizer(vocab_size: int = 320):
     """A word-level tokenizer over ``w4`` .. ``w{vocab_size-1}`` (ids 4 ..) with <pad> 0, <unk> 1, <s> 2, </s> 3."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

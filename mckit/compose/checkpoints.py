@@ -40,7 +40,7 @@ from mckit.models.families import (
     text_config,
 )
 from mckit.models.mllm import MLLM
-from mckit.models.real_branches import FEATURES, load_branch, tower_tensors
+from mckit.models.real_branches import FEATURES, load_branch, real_mllm, tower_tensors
 from mckit.storage.atomic import atomic_dir
 from mckit.storage.tensorfiles import Checkpoint, RenamedView, TensorFileError
 
@@ -143,9 +143,11 @@ def write_branch(source: Path, modality: str, folder: Path) -> None:
             shutil.copy2(source / name, folder / name)
 
 
-def load_composed(folder: str | Path, device_map=None, dtype: torch.dtype | None = None, tokenizer=None) -> MLLM:
+def load_composed(folder: str | Path, device_map=None, dtype: torch.dtype | None = None, tokenizer=None,
+                  size: int | None = None) -> MLLM:
     """The composed model of :func:`compose_checkpoints`' folder: its merged LLM (``device_map`` and ``dtype`` as
-    ``from_pretrained`` takes them), every branch on the LLM's device, the base's tokenizer (or ``tokenizer``)."""
+    ``from_pretrained`` takes them), every branch on the LLM's device, the base's tokenizer (or ``tokenizer``);
+    ``size``: the image side in pixels for families that take any (Qwen-VL)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mckit.models.real_llm import causal_lm
@@ -165,8 +167,8 @@ def load_composed(folder: str | Path, device_map=None, dtype: torch.dtype | None
     if tokenizer is None and (llm_dir / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(llm_dir)
     device = next(llm.parameters()).device
-    branches = {m: load_branch(folder / sub, m, dtype).to(device) for m, sub in manifest["branches"].items()}
-    return MLLM(llm, tokenizer, branches)
+    branches = {m: load_branch(folder / sub, m, dtype, size).to(device) for m, sub in manifest["branches"].items()}
+    return real_mllm(llm, tokenizer, branches)
 
 
 def _load_mrope(llm_dir: Path, text: dict, causal_lm, dtype) -> torch.nn.Module:

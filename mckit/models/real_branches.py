@@ -20,25 +20,39 @@ from safetensors import safe_open
 from torch import nn
 
 from mckit.models.families import Family, FamilyError, family_of, read_config
-from mckit.models.mllm import Branch
+from mckit.models.mllm import MLLM, Branch
 from mckit.storage.tensorfiles import Checkpoint, TensorFileError
 
 #: (model_type, modality) -> (method of the inner model, its keyword for the processed input).
 FEATURES = {("llava", "image"): ("get_image_features", "pixel_values"),
             ("video_llava", "image"): ("get_image_features", "pixel_values_images"),
-            ("video_llava", "video"): ("get_video_features", "pixel_values_videos")}
+            ("video_llava", "video"): ("get_video_features", "pixel_values_videos"),
+            ("qwen2_5_vl", "image"): ("get_image_features", "pixel_values")}
+#: Side of a square image in pixels where the family takes any size (Qwen-VL): 448 gives 256 positions.
+DEFAULT_SIZE = 448
 
 
 class NativeFeatures(nn.Module):
     """The source's tower + projector, called as the source calls them: (B, ...) processed inputs ->
-    (B, n_tokens, d_llm); per-frame outputs of a video are laid end to end (frames x tokens)."""
+    (B, n_tokens, d_llm); per-frame outputs of a video are laid end to end (frames x tokens).
 
-    def __init__(self, inner: nn.Module, method: str, keyword: str):
+    ``grid``: Qwen-VL's patch grid (t, h, w) of one input, all inputs of one size: the input is then
+    (B, t*h*w, patch_dim) flattened patches; ``positions`` is the grid of the merged tokens (M-RoPE's layout).
+    """
+
+    def __init__(self, inner: nn.Module, method: str, keyword: str, grid: tuple[int, int, int] | None = None,
+                 merge: int = 1):
         super().__init__()
-        self.inner, self.method, self.keyword = inner, method, keyword
+        self.inner, self.method, self.keyword, self.grid = inner, method, keyword, grid
+        self.positions = None if grid is None else (grid[0], grid[1] // merge, grid[2] // merge)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = getattr(self.inner, self.method)(**{self.keyword: x})
+        if self.grid is None:
+            out = getattr(self.inner, self.method)(**{self.keyword: x})
+        else:
+            grids = torch.tensor([self.grid] * len(x), device=x.device)
+            out = getattr(self.inner, self.method)(**{self.keyword: x.reshape(-1, x.shape[-1]),
+                                                      "image_grid_thw": grids})
         feats = getattr(out, "pooler_output", out)
         feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
         return feats.reshape(len(x), -1, feats.shape[-1])
@@ -73,9 +87,10 @@ def _in_memory(names, memory: set[str], path: Path) -> dict[str, str]:
     return out
 
 
-def load_branch(path: str | Path, modality: str, dtype: torch.dtype | None = None) -> Branch:
+def load_branch(path: str | Path, modality: str, dtype: torch.dtype | None = None, size: int | None = None) -> Branch:
     """``modality``'s branch of the checkpoint folder ``path``: its own tower and projector, empty-initialised
-    and filled from disk (strict over the tower's tensors); ``n_tokens`` and ``input_shape`` from one dry run."""
+    and filled from disk (strict over the tower's tensors); ``n_tokens`` from one dry run. ``size``: the image
+    side in pixels where the family takes any (Qwen-VL)."""
     path = Path(path)
     config = read_config(path)
     family = family_of(config, path)
@@ -96,18 +111,44 @@ def load_branch(path: str | Path, modality: str, dtype: torch.dtype | None = Non
     left = [n for n, p in inner.named_parameters() if p.is_meta]
     if left:
         raise FamilyError(f"{path}: the {modality} tower misses {left[0]} ({len(left)} tensors not on disk)")
-    encoder = NativeFeatures(inner, *FEATURES[family.model_type, modality]).eval()
+    shape, grid, merge = input_layout(cfg, modality, size)
+    encoder = NativeFeatures(inner, *FEATURES[family.model_type, modality], grid=grid, merge=merge).eval()
     if dtype is not None:
         encoder.to(dtype)
-    shape = input_shape(cfg, modality)
     with torch.no_grad():
         probe = encoder(torch.zeros((1, *shape), dtype=dtype or torch.float32))
     return Branch(modality, encoder, nn.Identity(), n_tokens=probe.shape[1], projector_type=family.model_type,
                   input_shape=shape)
 
 
-def input_shape(config, modality: str) -> tuple[int, ...]:
-    """One processed input's shape: (3, S, S) pixels for an image, (frames, 3, S, S) for a video."""
+def input_layout(config, modality: str, size: int | None = None) -> tuple[tuple[int, ...], tuple | None, int]:
+    """One processed input's shape, Qwen-VL's patch grid (None elsewhere) and its spatial merge.
+
+    CLIP towers: (3, S, S) pixels for an image, (frames, 3, S, S) for a video, S the tower's. Qwen-VL: an
+    image of ``size`` x ``size`` pixels (default :data:`DEFAULT_SIZE`) as the processor flattens it,
+    (h * w, 3 * T * P * P) with h = w = size / P, T the temporal patch (the image repeated T times).
+    """
     vision = config.vision_config
+    if hasattr(vision, "spatial_merge_size"):
+        side, patch = size or DEFAULT_SIZE, vision.patch_size
+        unit = patch * vision.spatial_merge_size
+        if side % unit:
+            raise FamilyError(f"image size {side} is not a multiple of {unit} (patch {patch} x merge "
+                              f"{vision.spatial_merge_size})")
+        grid = (1, side // patch, side // patch)
+        dim = getattr(vision, "in_channels", 3) * vision.temporal_patch_size * patch * patch
+        return (grid[1] * grid[2], dim), grid, vision.spatial_merge_size
     pixels = (3, vision.image_size, vision.image_size)
-    return (getattr(config, "num_frames", 8), *pixels) if modality == "video" else pixels
+    return ((getattr(config, "num_frames", 8), *pixels) if modality == "video" else pixels), None, 1
+
+
+def real_mllm(llm: nn.Module, tokenizer, branches: dict[str, Branch]) -> MLLM:
+    """An :class:`MLLM` of a real language model and real branches; with Qwen's 3-D rotary positions, each
+    input's merged-token grid lays out its positions as the source lays them out."""
+    from mckit.models.adapters import MRoPEAdapter
+
+    model = MLLM(llm, tokenizer, branches)
+    if isinstance(model.adapter, MRoPEAdapter):
+        model.adapter = MRoPEAdapter({m: b.encoder.positions for m, b in branches.items()
+                                      if getattr(b.encoder, "positions", None)})
+    return model
