@@ -98,3 +98,37 @@ def test_merge_command_on_real_qwen_layouts_merges_the_llm_and_copies_the_vision
     linears = [n for n in got if "language_model.layers" in n and n.endswith("_proj.weight")]
     assert linears and all(torch.allclose(got[n], want[n], atol=1e-6) for n in linears)
     assert not torch.equal(got[linears[0]], states[0][linears[0]])
+
+
+def test_a_real_layout_mcub_set_evaluates_end_to_end_and_batches_like_one_by_one(llama, tmp_path):
+    from _real_checkpoints import save_clip_processor, write_mcub
+
+    from mckit.compose.checkpoints import composed_preprocessors
+    from mckit.eval.mcub_reader import load_split
+    from mckit.eval.real import evaluate_real
+
+    for kind in ("llava", "video_llava"):
+        save_clip_processor(llama[kind][0])
+    out = compose_checkpoints("task_arithmetic", llama["base"][0], [f"{llama['llava'][0]}:image",
+                              f"{llama['video_llava'][0]}:video"], tmp_path / "av", progress=False, lam=0.5)
+    write_mcub(tmp_path / "mcub")
+    items = load_split(tmp_path / "mcub" / "MCUB-4.json", tmp_path / "mcub" / "MCUB-answer.json", tmp_path / "mcub")
+    model, preprocess = load_composed(out), composed_preprocessors(out)
+    batched = evaluate_real(model, items, preprocess, batch_size=3, max_new_tokens=3, progress=False)
+    alone = evaluate_real(model, items, preprocess, batch_size=1, max_new_tokens=3, progress=False)
+    assert batched["n"] == 3 and batched["answers"] == alone["answers"]
+    assert batched["acc"] == sum(a[:1] == it.answer for a, it in zip(batched["answers"], items)) / 3
+    assert [it.answer for it in items] == ["A", "B", "C"]
+
+
+def test_media_the_kit_cannot_decode_is_named(tmp_path):
+    from mckit.eval.media import MediaError, decode
+
+    (tmp_path / "clip.gif").write_bytes(b"GIF89a")
+    with pytest.raises(MediaError, match=r"clip.gif: image files of type '.gif' are not supported; use .jpg"):
+        decode(tmp_path / "clip.gif", "image")
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    with pytest.raises(MediaError, match=r"broken.mp4: cannot decode this video file"):
+        decode(tmp_path / "broken.mp4", "video")
+    with pytest.raises(MediaError, match="file not found"):
+        decode(tmp_path / "none.wav", "audio")

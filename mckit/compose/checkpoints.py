@@ -40,7 +40,7 @@ from mckit.models.families import (
     text_config,
 )
 from mckit.models.mllm import MLLM
-from mckit.models.real_branches import FEATURES, load_branch, real_mllm, tower_tensors
+from mckit.models.real_branches import FEATURES, load_branch, preprocessor, real_mllm, tower_tensors
 from mckit.storage.atomic import atomic_dir
 from mckit.storage.tensorfiles import Checkpoint, RenamedView, TensorFileError
 
@@ -169,6 +169,12 @@ def load_composed(folder: str | Path, device_map=None, dtype: torch.dtype | None
     device = next(llm.parameters()).device
     branches = {m: load_branch(folder / sub, m, dtype, size).to(device) for m, sub in manifest["branches"].items()}
     return real_mllm(llm, tokenizer, branches)
+
+
+def composed_preprocessors(folder: str | Path, size: int | None = None) -> dict:
+    """{modality: the source's processor for one decoded input} of a composed folder's branches."""
+    manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    return {m: preprocessor(Path(folder) / sub, m, size) for m, sub in manifest["branches"].items()}
 
 
 def _load_mrope(llm_dir: Path, text: dict, causal_lm, dtype) -> torch.nn.Module:

@@ -152,3 +152,28 @@ def real_mllm(llm: nn.Module, tokenizer, branches: dict[str, Branch]) -> MLLM:
         model.adapter = MRoPEAdapter({m: b.encoder.positions for m, b in branches.items()
                                       if getattr(b.encoder, "positions", None)})
     return model
+
+
+def preprocessor(path: str | Path, modality: str, size: int | None = None):
+    """The source's own processor for one decoded input of ``modality`` (a PIL image; video frames (F, H, W, 3)),
+    read from ``preprocessor_config.json`` in ``path``: returns the tensor its branch takes (its ``input_shape``)."""
+    from transformers import AutoImageProcessor
+
+    path = Path(path)
+    family = family_of(read_config(path), path)
+    if not (path / "preprocessor_config.json").is_file():
+        raise FamilyError(f"{path}: no preprocessor_config.json (the source's image processor)")
+    processor = AutoImageProcessor.from_pretrained(path)
+    if (family.model_type, modality) not in FEATURES:
+        raise FamilyError(f"{path}: {modality} inputs of {family.model_type} are not supported")
+    if family.positions == "mrope":
+        side = size or DEFAULT_SIZE
+
+        def qwen(image) -> torch.Tensor:
+            square = image.resize((side, side))
+            return processor(images=square, min_pixels=side * side, max_pixels=side * side,
+                             return_tensors="pt")["pixel_values"]
+        return qwen
+    if modality == "video":
+        return lambda frames: processor(images=list(frames), return_tensors="pt")["pixel_values"]
+    return lambda image: processor(images=image, return_tensors="pt")["pixel_values"][0]
