@@ -60,6 +60,16 @@ def test_every_notebook_checks_every_parameter_and_its_defaults_pass(path):
     ("EXPLORE_METHOD", "average", "expected one of 'task_arithmetic', 'ties'"),
     ("EXPLORE_LAMBDA", 0.2, "lambda must be a value of the grid 0.1, 0.3, 0.5, 0.7, 1.0, 1.5"),
     ("EXPLORE_LAMBDA", True, "lambda must be a value of the grid"),
+    ("MASK_KEEP", 0, "a number in (0, 1]"),
+    ("MASK_LAMBDA", 2.5, "a number in (0, 2]"),
+    ("SOURCES", ["llava-hf/llava-1.5-7b-hf:image"], "SOURCES need their BASE"),
+    ("SOURCES", "llava", "expected a non-empty list of hub ids or folders"),
+    ("METHOD", "magic", "expected one of 'average'"),
+    ("LAMBDA", 0, "expected a number in (0, 2]"),
+    ("MCUB_DIR", "/nowhere/mcub", "no such directory"),
+    ("SPLIT", "MCUB-3-audio-video-point", "expected one of 'MCUB-4'"),
+    ("DTYPE", "int8", "expected one of 'auto', 'float32'"),
+    ("IMAGE_SIZE", 10, "expected a whole number >= 28 or None"),
 ])
 def test_bad_parameter_is_one_line_naming_it(name, value, fragment):
     with pytest.raises(ParameterError) as err:

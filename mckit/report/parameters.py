@@ -16,7 +16,7 @@ import torch
 from mckit.eval.mcub import SPLITS, load_benchmark
 from mckit.experiments.composition import LAMBDAS
 from mckit.experiments.merging_zoo import BENCH_METHODS, MODALITY_SPLIT
-from mckit.merge.registry import get
+from mckit.merge.registry import METHODS, get
 from mckit.models.shipped import REGIMES, VARIANTS, world_record
 from mckit.storage.paths import DATA_DIR
 from mckit.world.entities import MODALITIES
@@ -179,6 +179,31 @@ def _optional_text(name, value, params):
         _fail(name, value, "expected a path as text, or None")
 
 
+def _optional_dir(name, value, params):
+    if value is not None and not Path(value).is_dir():
+        _fail(name, value, "no such directory (None: the kit writes a tiny set of its own)")
+
+
+def _sources(name, value, params):
+    if value is None:
+        if params.get("BASE") is not None:
+            _fail(name, value, "BASE is set: give the sources built on it, e.g. [\"llava-hf/llava-1.5-7b-hf:image\"]")
+        return
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+        _fail(name, value, "expected a non-empty list of hub ids or folders (\"ID:image,video\" picks modalities)")
+    if params.get("BASE") is None:
+        _fail(name, value, "SOURCES need their BASE (the language model they were built on)")
+
+
+def _strength(name, value, params):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < float(value) <= 2:
+        _fail(name, value, "expected a number in (0, 2], e.g. 0.3 (full fine-tunes turn to gibberish near 1)")
+
+
+#: MCUB's split files (the published names).
+REAL_SPLITS = ("MCUB-4", "MCUB-3-image-audio-video", "MCUB-3-audio-video-pointcloud", "MCUB-3-image-audio-pointcloud",
+               "MCUB-3-image-video-pointcloud")
+
 #: Every notebook parameter and its check.
 RULES: dict[str, Callable] = {
     "MODE": _choice(("auto", "smoke", "full")),
@@ -218,6 +243,16 @@ RULES: dict[str, Callable] = {
     "BENCH_DIR": _directory,
     "EXPERTS_DIR": _directory,
     "OUT": _optional_text,
+    "BASE": _optional_text,
+    "SOURCES": _sources,
+    "METHOD": _choice(tuple(METHODS)),
+    "LAMBDA": _strength,
+    "MCUB_DIR": _optional_dir,
+    "SPLIT": _choice(REAL_SPLITS),
+    "N": _count(1),
+    "DTYPE": _choice(("auto", "float32", "bfloat16", "float16")),
+    "IMAGE_SIZE": _count(28, allow_none=True),
+    "WORK_DIR": _optional_text,
 }
 #: Counts of items (positive whole numbers) that every ``N_*`` parameter not named above takes.
 _POSITIVE = _count(1)

@@ -1,0 +1,136 @@
+"""Tiny random checkpoints of the real MLLM classes, saved by ``save_pretrained`` in their real on-disk layout.
+
+What the tests and notebook 07 compose when no real checkpoint is at hand: the weights are random, so they show
+the mechanics (names, layouts, loading, routing, batching), never a result.
+
+Two text backbones: a Llama ("vicuna") one shared by LLaVA, Video-LLaVA and LLaVA-NeXT-Video, and a Qwen2.5 one
+shared by Qwen2.5-VL, the Omni thinker and Audio Flamingo 3; Qwen2-Audio sits on a different Qwen (wider), as
+the real one sits on Qwen-7B. Seeded: each build gives the same weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+LLAMA_TEXT = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=320, max_position_embeddings=512, pad_token_id=0)
+MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+QWEN_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=320, max_position_embeddings=512, pad_token_id=0)
+CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+            patch_size=14)
+QWEN_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                   fullatt_block_indexes=[1], window_size=28, patch_size=14, spatial_merge_size=2,
+                   temporal_patch_size=2)
+#: Qwen's special token ids, moved inside the tiny vocabulary (image, video, vision start, vision end).
+QWEN_IDS = dict(image_token_id=300, video_token_id=301, vision_start_token_id=302, vision_end_token_id=303)
+WHISPER = dict(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=16,
+               max_source_positions=50)
+
+
+def _llava():
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+    return LlavaForConditionalGeneration(LlavaConfig(text_config=LLAMA_TEXT, vision_config=CLIPVisionConfig(**CLIP)
+                                                     .to_dict(), image_token_index=300))
+
+
+def _video_llava():
+    from transformers import CLIPVisionConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+    return VideoLlavaForConditionalGeneration(VideoLlavaConfig(
+        text_config=LLAMA_TEXT, vision_config=CLIPVisionConfig(**CLIP).to_dict(), image_token_index=300,
+        video_token_index=301))
+
+
+def _llava_next_video():
+    from transformers import CLIPVisionConfig, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+    return LlavaNextVideoForConditionalGeneration(LlavaNextVideoConfig(
+        text_config=LLAMA_TEXT, vision_config=CLIPVisionConfig(**CLIP).to_dict(), image_token_index=300,
+        video_token_index=301))
+
+
+def _qwen2_5_vl():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=dict(QWEN_TEXT, rope_parameters=MROPE),
+                                                               vision_config=QWEN_VISION, **QWEN_IDS))
+
+
+def _omni_thinker():
+    from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+    return Qwen2_5OmniThinkerForConditionalGeneration(Qwen2_5OmniThinkerConfig(
+        text_config=dict(QWEN_TEXT, rope_parameters=MROPE), vision_config=QWEN_VISION,
+        audio_config=dict(WHISPER, output_dim=64, n_window=10)))
+
+
+def _audio_flamingo():
+    from transformers import AudioFlamingo3Config, AudioFlamingo3ForConditionalGeneration
+    return AudioFlamingo3ForConditionalGeneration(AudioFlamingo3Config(
+        text_config=dict(QWEN_TEXT, model_type="qwen2"), audio_token_id=300,
+        audio_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          num_mel_bins=16, max_source_positions=50)))
+
+
+def _qwen2_audio():
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+    return Qwen2AudioForConditionalGeneration(Qwen2AudioConfig(
+        text_config=dict(QWEN_TEXT, model_type="qwen2", hidden_size=96), audio_config=WHISPER, audio_token_index=300))
+
+
+BUILDERS = {"llava": _llava, "video_llava": _video_llava, "llava_next_video": _llava_next_video,
+            "qwen2_5_vl": _qwen2_5_vl, "qwen2_5_omni_thinker": _omni_thinker, "audioflamingo3": _audio_flamingo,
+            "qwen2_audio": _qwen2_audio}
+#: Which sources share a language model.
+LLAMA_BASED = ("llava", "video_llava", "llava_next_video")
+QWEN25_BASED = ("qwen2_5_vl", "qwen2_5_omni_thinker", "audioflamingo3")
+
+
+def build(kind: str, out: Path, seed: int = 0):
+    """Save a tiny random ``kind`` model to ``out`` (its real on-disk layout) and return the model."""
+    torch.manual_seed(seed)
+    model = BUILDERS[kind]().eval()
+    model.save_pretrained(out)
+    return model
+
+
+def word_tokenizer(vocab_size: int = 320):
+    """A word-level tokenizer over ``w4`` .. ``w{vocab_size-1}`` (ids 4 ..) with <pad> 0, <unk> 1, <s> 2, </s> 3."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, **{f"w{i}": i for i in range(4, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+def build_base(kind: str, out: Path, seed: int = 0):
+    """A plain language model with the text config of ``kind``'s family (the base the sources share), saved with a
+    word tokenizer; returns the model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    text = dict(LLAMA_TEXT) if kind in LLAMA_BASED else dict(QWEN_TEXT, model_type="qwen2")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(text.pop("model_type"), **text)).eval()
+    model.save_pretrained(out)
+    word_tokenizer().save_pretrained(out)
+    return model
+
+
+def save_clip_processor(folder: Path, side: int = 28) -> None:
+    """The image processor of the tiny CLIP towers (``side`` x ``side`` crops), saved as the source saves its own."""
+    from transformers import CLIPImageProcessorPil
+
+    CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(folder)
+
+
+def write_demo(root: Path) -> dict:
+    """A base language model and two sources built on it (a LLaVA for images, a Video-LLaVA for videos), tiny and
+    random, with their tokenizer and image processors: ``{"base": path, "sources": ["DIR:image", "DIR:video"]}``."""
+    root = Path(root)
+    build_base("llava", root / "base")
+    for seed, (kind, mod) in enumerate((("llava", "image"), ("video_llava", "video")), start=1):
+        build(kind, root / kind, seed)
+        save_clip_processor(root / kind)
+    return {"base": root / "base", "sources": [f"{root / 'llava'}:image", f"{root / 'video_llava'}:video"]}
