@@ -122,3 +122,11 @@ def test_mmer_section_has_every_protocol_retention_beside_the_paper_the_sweep_fo
     assert "| 0.4 | 0.400 | 0.400 |" in text                  # retention: K 0.4 at 30% and 50%
     assert "image model fine-tuned 200 steps" in text and "| mmer | 0.980 | 0.970 | 0.700 | 0.875 |" in text
     assert "audio 25.0% (paper 2.2%)" in text and "= 2.06 MiB, against 4.00 MiB" in text
+
+
+def test_real_section_says_when_the_checkpoints_were_random():
+    part = {"random_checkpoints": True, "split": "MCUB-4", "n": 8, "method": "ties", "lam": 0.3, "device": "cpu",
+            "acc": 0.125, "ci95": [0.02, 0.47]}
+    text = "\n".join(sections.real_section(part))
+    assert "accuracy 0.125 [0.02, 0.47]" in text and "tiny random checkpoints" in text
+    assert "real checkpoints)" in "\n".join(sections.real_section({**part, "random_checkpoints": False}))

@@ -25,6 +25,7 @@ from mckit.report.sections import (
     damc_section,
     mcub_table,
     mmer_section,
+    real_section,
     seed_section,
     zoo_section,
 )
@@ -212,6 +213,8 @@ def report(results: dict) -> str:
         lines += mmer_section(results["mmer"])
     if "zoo" in results:
         lines += zoo_section(results["zoo"])
+    if "real" in results:
+        lines += real_section(results["real"])
     lines += ["## Single-modality MLLMs of the toy world (held-out renders, exact match, 95% Wilson CI)", "",
               "| modality | variant | task | acc | 95% CI | n | chance |", "|---|---|---|---|---|---|---|"]
     for mod, variants in results["world_models"].items():

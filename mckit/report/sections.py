@@ -167,3 +167,12 @@ def mmer_section(part: dict) -> list[str]:
               f"{storage['masks'] / 2**20:.3f} MiB = {storage['mmer'] / 2**20:.2f} MiB, against "
               f"{storage['separate_models'] / 2**20:.2f} MiB for the separate models."]
     return lines + [""]
+
+
+def real_section(part: dict) -> list[str]:
+    """REPORT.md: notebook 07's run on real (or the kit's tiny random) checkpoints."""
+    kind = ("tiny random checkpoints written by the kit: the mechanics ran, the number means nothing"
+            if part["random_checkpoints"] else "real checkpoints")
+    return ["## Real checkpoints (notebook 07)", "",
+            f"{part['split']}, {part['n']} items, {part['method']} (lambda {part['lam']}), {part['device']}: "
+            f"accuracy {part['acc']:.3f} [{part['ci95'][0]:.2f}, {part['ci95'][1]:.2f}] ({kind}).", ""]
