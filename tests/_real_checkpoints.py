@@ -8,5 +8,6 @@ from mckit.models.tiny_real import (  # noqa: F401
     build,
     build_base,
     save_clip_processor,
+    save_whisper_extractor,
     word_tokenizer,
 )

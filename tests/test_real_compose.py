@@ -132,3 +132,23 @@ def test_media_the_kit_cannot_decode_is_named(tmp_path):
         decode(tmp_path / "broken.mp4", "video")
     with pytest.raises(MediaError, match="file not found"):
         decode(tmp_path / "none.wav", "audio")
+
+
+def test_audio_sources_compose_over_a_qwen_base_and_evaluate_wav_files(tmp_path):
+    from _real_checkpoints import save_whisper_extractor, write_mcub
+
+    from mckit.compose.checkpoints import composed_preprocessors
+    from mckit.eval.mcub_reader import load_split
+    from mckit.eval.real import evaluate_real
+
+    build_base("audioflamingo3", tmp_path / "qwen")
+    build("audioflamingo3", tmp_path / "af3", 1)
+    save_whisper_extractor(tmp_path / "af3")
+    out = compose_checkpoints("average", tmp_path / "qwen", [str(tmp_path / "af3")], tmp_path / "composed",
+                              progress=False)
+    write_mcub(tmp_path / "mcub", 2, ("audio",))
+    items = load_split(tmp_path / "mcub" / "MCUB-4.json", tmp_path / "mcub" / "MCUB-answer.json", tmp_path / "mcub")
+    model = load_composed(out)
+    result = evaluate_real(model, items, composed_preprocessors(out), template="{prompt}", batch_size=2,
+                           max_new_tokens=2, progress=False)
+    assert model.modalities == ["audio"] and result["n"] == 2 and len(result["answers"]) == 2

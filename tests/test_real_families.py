@@ -188,3 +188,20 @@ def test_qwen_image_in_a_composed_model_gives_the_native_logits_with_3d_position
         want = native(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=x[0],
                       image_grid_thw=torch.tensor([[1, 4, 4]]), mm_token_type_ids=(ids == 300).int()).logits
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_audio_flamingo_audio_in_a_composed_model_gives_the_native_logits(saved, tokenizer):
+    from mckit.models.real_branches import load_branch, real_mllm
+
+    folder, native = saved["audioflamingo3"]
+    branch = load_branch(folder, "audio")
+    assert branch.input_shape == (16, 100) and branch.n_tokens == 25     # 100 frames: conv stride 2, pool 2
+    model = real_mllm(load_text_llm(folder), tokenizer, {"audio": branch})
+    torch.manual_seed(4)
+    x = torch.randn(2, *branch.input_shape)
+    batch = model.batch(["w5 <audio> w17 <audio> w9"], [{"audio": [x[0], x[1]]}])
+    with torch.no_grad():
+        got = model(batch).logits
+        ids = torch.tensor([[5] + [300] * 25 + [17] + [300] * 25 + [9]])
+        want = native(input_ids=ids, input_features=x, input_features_mask=torch.ones(2, 100, dtype=torch.long)).logits
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()

@@ -27,7 +27,10 @@ from mckit.storage.tensorfiles import Checkpoint, TensorFileError
 FEATURES = {("llava", "image"): ("get_image_features", "pixel_values"),
             ("video_llava", "image"): ("get_image_features", "pixel_values_images"),
             ("video_llava", "video"): ("get_video_features", "pixel_values_videos"),
-            ("qwen2_5_vl", "image"): ("get_image_features", "pixel_values")}
+            ("qwen2_5_vl", "image"): ("get_image_features", "pixel_values"),
+            ("audioflamingo3", "audio"): ("get_audio_features", "input_features")}
+#: Methods that also take a mask over the input's frames (every frame of a fixed-length clip is real).
+FRAME_MASKS = {"get_audio_features": "input_features_mask"}
 #: Side of a square image in pixels where the family takes any size (Qwen-VL): 448 gives 256 positions.
 DEFAULT_SIZE = 448
 
@@ -48,7 +51,9 @@ class NativeFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.grid is None:
-            out = getattr(self.inner, self.method)(**{self.keyword: x})
+            extra = {FRAME_MASKS[self.method]: torch.ones(x.shape[0], x.shape[-1], dtype=torch.long,
+                                                          device=x.device)} if self.method in FRAME_MASKS else {}
+            out = getattr(self.inner, self.method)(**{self.keyword: x}, **extra)
         else:
             grids = torch.tensor([self.grid] * len(x), device=x.device)
             out = getattr(self.inner, self.method)(**{self.keyword: x.reshape(-1, x.shape[-1]),
@@ -124,10 +129,14 @@ def load_branch(path: str | Path, modality: str, dtype: torch.dtype | None = Non
 def input_layout(config, modality: str, size: int | None = None) -> tuple[tuple[int, ...], tuple | None, int]:
     """One processed input's shape, Qwen-VL's patch grid (None elsewhere) and its spatial merge.
 
-    CLIP towers: (3, S, S) pixels for an image, (frames, 3, S, S) for a video, S the tower's. Qwen-VL: an
+    Audio: (mel bins, 2 x the encoder's positions) log-mel frames. CLIP towers: (3, S, S) pixels for an image,
+    (frames, 3, S, S) for a video, S the tower's. Qwen-VL: an
     image of ``size`` x ``size`` pixels (default :data:`DEFAULT_SIZE`) as the processor flattens it,
     (h * w, 3 * T * P * P) with h = w = size / P, T the temporal patch (the image repeated T times).
     """
+    if modality == "audio":                                  # Whisper-style log-mel frames of a fixed-length clip
+        audio = config.audio_config
+        return (audio.num_mel_bins, 2 * audio.max_source_positions), None, 1
     vision = config.vision_config
     if hasattr(vision, "spatial_merge_size"):
         side, patch = size or DEFAULT_SIZE, vision.patch_size
@@ -155,17 +164,22 @@ def real_mllm(llm: nn.Module, tokenizer, branches: dict[str, Branch]) -> MLLM:
 
 
 def preprocessor(path: str | Path, modality: str, size: int | None = None):
-    """The source's own processor for one decoded input of ``modality`` (a PIL image; video frames (F, H, W, 3)),
-    read from ``preprocessor_config.json`` in ``path``: returns the tensor its branch takes (its ``input_shape``)."""
-    from transformers import AutoImageProcessor
+    """The source's own processor for one decoded input of ``modality`` (a PIL image; video frames (F, H, W, 3);
+    16 kHz mono samples), read from ``preprocessor_config.json`` in ``path``: returns the tensor its branch takes
+    (its ``input_shape``; a Whisper extractor pads or cuts a clip to its fixed length)."""
+    from transformers import AutoFeatureExtractor, AutoImageProcessor
 
     path = Path(path)
     family = family_of(read_config(path), path)
     if not (path / "preprocessor_config.json").is_file():
-        raise FamilyError(f"{path}: no preprocessor_config.json (the source's image processor)")
-    processor = AutoImageProcessor.from_pretrained(path)
+        raise FamilyError(f"{path}: no preprocessor_config.json (the source's processor)")
     if (family.model_type, modality) not in FEATURES:
         raise FamilyError(f"{path}: {modality} inputs of {family.model_type} are not supported")
+    if modality == "audio":
+        extractor = AutoFeatureExtractor.from_pretrained(path)
+        return lambda samples: extractor(samples, sampling_rate=extractor.sampling_rate,
+                                         return_tensors="pt")["input_features"][0]
+    processor = AutoImageProcessor.from_pretrained(path)
     if family.positions == "mrope":
         side = size or DEFAULT_SIZE
 

@@ -122,7 +122,15 @@ def save_clip_processor(folder: Path, side: int = 28) -> None:
     """The image processor of the tiny CLIP towers (``side`` x ``side`` crops), saved as the source saves its own."""
     from transformers import CLIPImageProcessorPil
 
-    CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(folder)
+    processor = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    processor.save_pretrained(folder)
+
+
+def save_whisper_extractor(folder: Path, mel_bins: int = 16, seconds: int = 1) -> None:
+    """The log-mel extractor of the tiny audio towers (``seconds`` clips: 100 frames a second)."""
+    from transformers import WhisperFeatureExtractor
+
+    WhisperFeatureExtractor(feature_size=mel_bins, chunk_length=seconds).save_pretrained(folder)
 
 
 def write_demo(root: Path) -> dict:
