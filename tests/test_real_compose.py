@@ -152,3 +152,14 @@ def test_audio_sources_compose_over_a_qwen_base_and_evaluate_wav_files(tmp_path)
     result = evaluate_real(model, items, composed_preprocessors(out), template="{prompt}", batch_size=2,
                            max_new_tokens=2, progress=False)
     assert model.modalities == ["audio"] and result["n"] == 2 and len(result["answers"]) == 2
+
+
+def test_a_composed_model_runs_in_bfloat16(llama, tmp_path):
+    out = compose_checkpoints("average", llama["base"][0], [f"{llama['video_llava'][0]}:image,video"],
+                              tmp_path / "bf16", progress=False)
+    model = load_composed(out, dtype=torch.bfloat16)
+    assert next(model.llm.parameters()).dtype == torch.bfloat16
+    shapes = {m: b.input_shape for m, b in model.branches.items()}
+    batch = model.batch(["w5 <video> w6 <image> w7"], [{m: [torch.randn(s)] for m, s in shapes.items()}])
+    answers = model.generate(batch, 3)
+    assert len(answers) == 1 and isinstance(answers[0], str)

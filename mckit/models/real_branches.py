@@ -50,6 +50,7 @@ class NativeFeatures(nn.Module):
         self.positions = None if grid is None else (grid[0], grid[1] // merge, grid[2] // merge)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(next(self.inner.parameters()).dtype)          # processors give float32; the tower may be bf16
         if self.grid is None:
             extra = {FRAME_MASKS[self.method]: torch.ones(x.shape[0], x.shape[-1], dtype=torch.long,
                                                           device=x.device)} if self.method in FRAME_MASKS else {}
