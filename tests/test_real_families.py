@@ -2,6 +2,7 @@
 language model, its logits against the native class's, and the checks that two sources share one LLM."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,10 +142,11 @@ def test_each_source_alone_in_a_composed_model_gives_its_native_logits(saved, to
 def test_a_branch_reads_only_its_tower_and_names_what_it_cannot_load(saved, tmp_path, monkeypatch):
     from mckit.models import real_branches
 
-    read = []
+    read, opened = [], []
     real_open = real_branches.safe_open
 
     def spy(file, framework):
+        opened.append(Path(file).name)
         handle = real_open(file, framework)
         get = handle.get_tensor
         handle_get = lambda name: (read.append(name), get(name))[1]  # noqa: E731
@@ -153,6 +155,13 @@ def test_a_branch_reads_only_its_tower_and_names_what_it_cannot_load(saved, tmp_
     monkeypatch.setattr(real_branches, "safe_open", spy)
     real_branches.load_branch(saved["video_llava"][0], "video")
     assert read and all(n.startswith(("video_tower.", "multi_modal_projector.")) for n in read)
+    sharded = tmp_path / "sharded"
+    saved["video_llava"][1].save_pretrained(sharded, max_shard_size="40KB")
+    weight_map = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    holding = {f for n, f in weight_map.items() if n.startswith(("video_tower.", "multi_modal_projector."))}
+    opened.clear()
+    real_branches.load_branch(sharded, "video")
+    assert len(set(weight_map.values())) > len(holding) and set(opened) == holding
     with pytest.raises(FamilyError, match="audio inputs of llava are not supported"):
         real_branches.load_branch(saved["llava"][0], "audio")
 
