@@ -60,7 +60,9 @@ def _omni_thinker():
     from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
     return Qwen2_5OmniThinkerForConditionalGeneration(Qwen2_5OmniThinkerConfig(
         text_config=dict(QWEN_TEXT, rope_parameters=MROPE), vision_config=QWEN_VISION,
-        audio_config=dict(WHISPER, output_dim=64, n_window=10)))
+        audio_config=dict(WHISPER, output_dim=64, n_window=10), image_token_index=300, video_token_index=301,
+        vision_start_token_id=302, vision_end_token_id=303, audio_token_index=304, audio_start_token_id=305,
+        audio_end_token_id=306))
 
 
 def _audio_flamingo():
