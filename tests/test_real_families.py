@@ -117,7 +117,8 @@ def _native_logits(native, ids: list[int], **pixels) -> torch.Tensor:
 @pytest.mark.parametrize("kind, modality, token, keyword", [
     ("llava", "image", "image_token_index", "pixel_values"),
     ("video_llava", "image", "image_token_index", "pixel_values_images"),
-    ("video_llava", "video", "video_token_index", "pixel_values_videos")])
+    ("video_llava", "video", "video_token_index", "pixel_values_videos"),
+    ("llava_next_video", "video", "video_token_index", "pixel_values_videos")])
 def test_each_source_alone_in_a_composed_model_gives_its_native_logits(saved, tokenizer, kind, modality, token,
                                                                         keyword):
     from mckit.models.real_branches import load_branch

@@ -27,6 +27,7 @@ from mckit.storage.tensorfiles import Checkpoint, TensorFileError
 FEATURES = {("llava", "image"): ("get_image_features", "pixel_values"),
             ("video_llava", "image"): ("get_image_features", "pixel_values_images"),
             ("video_llava", "video"): ("get_video_features", "pixel_values_videos"),
+            ("llava_next_video", "video"): ("get_video_features", "pixel_values_videos"),
             ("qwen2_5_vl", "image"): ("get_image_features", "pixel_values"),
             ("qwen2_5_omni_thinker", "image"): ("get_image_features", "pixel_values"),
             ("audioflamingo3", "audio"): ("get_audio_features", "input_features")}
@@ -115,6 +116,9 @@ def load_branch(path: str | Path, modality: str, dtype: torch.dtype | None = Non
     for child, module in list(inner.named_children()):     # the LLM and other towers: meta only, dropped
         if child not in mine and any(p.is_meta for p in module.parameters()):
             setattr(inner, child, nn.Module())
+    for name, param in list(inner.named_parameters(recurse=False)):     # e.g. LLaVA-NeXT's image_newline
+        if name not in mine and param.is_meta:
+            delattr(inner, name)
     left = [n for n, p in inner.named_parameters() if p.is_meta]
     if left:
         raise FamilyError(f"{path}: the {modality} tower misses {left[0]} ({len(left)} tensors not on disk)")
