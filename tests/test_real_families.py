@@ -181,9 +181,9 @@ class _Spy:
         return self.handle.__exit__(*exc)
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen2_5_omni_thinker"])
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen2_5_omni_thinker"])
 def test_qwen_image_in_a_composed_model_gives_the_native_logits_with_3d_positions(saved, tokenizer, kind):
-    """Qwen2.5-VL and the Omni thinker: flattened patches of a 56 x 56 image (a 4 x 4 patch grid, 2 x 2 merged
+    """Qwen2-VL, Qwen2.5-VL and the Omni thinker: flattened patches of a 56 x 56 image (a 4 x 4 patch grid, 2 x 2 merged
     tokens), the image framed by vision start / end tokens, M-RoPE positions following the merged grid."""
     from mckit.models.real_branches import load_branch, real_mllm
 
@@ -196,7 +196,7 @@ def test_qwen_image_in_a_composed_model_gives_the_native_logits_with_3d_position
     with torch.no_grad():
         got = model(model.batch(["w5 w17 w302 <image> w303 w42 w9"], [{"image": [x[0]]}])).logits
         ids = torch.tensor([[5, 17, 302] + [300] * 4 + [303, 42, 9]])
-        types = {"mm_token_type_ids": (ids == 300).int()} if kind == "qwen2_5_vl" else {}   # the Omni finds them itself
+        types = {} if kind == "qwen2_5_omni_thinker" else {"mm_token_type_ids": (ids == 300).int()}  # Omni: finds them
         want = native(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=x[0],
                       image_grid_thw=torch.tensor([[1, 4, 4]]), **types).logits
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()

@@ -28,6 +28,7 @@ FEATURES = {("llava", "image"): ("get_image_features", "pixel_values"),
             ("video_llava", "image"): ("get_image_features", "pixel_values_images"),
             ("video_llava", "video"): ("get_video_features", "pixel_values_videos"),
             ("llava_next_video", "video"): ("get_video_features", "pixel_values_videos"),
+            ("qwen2_vl", "image"): ("get_image_features", "pixel_values"),
             ("qwen2_5_vl", "image"): ("get_image_features", "pixel_values"),
             ("qwen2_5_omni_thinker", "image"): ("get_image_features", "pixel_values"),
             ("audioflamingo3", "audio"): ("get_audio_features", "input_features")}

@@ -56,6 +56,14 @@ def _qwen2_5_vl():
                                                                vision_config=QWEN_VISION, **QWEN_IDS))
 
 
+def _qwen2_vl():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    return Qwen2VLForConditionalGeneration(Qwen2VLConfig(
+        text_config=dict(QWEN_TEXT, rope_parameters=MROPE), **QWEN_IDS,
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2)))
+
+
 def _omni_thinker():
     from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
     return Qwen2_5OmniThinkerForConditionalGeneration(Qwen2_5OmniThinkerConfig(
@@ -80,7 +88,7 @@ def _qwen2_audio():
 
 
 BUILDERS = {"llava": _llava, "video_llava": _video_llava, "llava_next_video": _llava_next_video,
-            "qwen2_5_vl": _qwen2_5_vl, "qwen2_5_omni_thinker": _omni_thinker, "audioflamingo3": _audio_flamingo,
+            "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "qwen2_5_omni_thinker": _omni_thinker, "audioflamingo3": _audio_flamingo,
             "qwen2_audio": _qwen2_audio}
 #: Which sources share a language model.
 LLAMA_BASED = ("llava", "video_llava", "llava_next_video")
