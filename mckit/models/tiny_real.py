@@ -88,8 +88,8 @@ def _qwen2_audio():
 
 
 BUILDERS = {"llava": _llava, "video_llava": _video_llava, "llava_next_video": _llava_next_video,
-            "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "qwen2_5_omni_thinker": _omni_thinker, "audioflamingo3": _audio_flamingo,
-            "qwen2_audio": _qwen2_audio}
+            "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "qwen2_5_omni_thinker": _omni_thinker,
+            "audioflamingo3": _audio_flamingo, "qwen2_audio": _qwen2_audio}
 #: Which sources share a language model.
 LLAMA_BASED = ("llava", "video_llava", "llava_next_video")
 QWEN25_BASED = ("qwen2_5_vl", "qwen2_5_omni_thinker", "audioflamingo3")
