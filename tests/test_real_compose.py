@@ -163,3 +163,21 @@ def test_a_composed_model_runs_in_bfloat16(llama, tmp_path):
     batch = model.batch(["w5 <video> w6 <image> w7"], [{m: [torch.randn(s)] for m, s in shapes.items()}])
     answers = model.generate(batch, 3)
     assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+def test_a_qwen_vl_source_over_a_plain_qwen2_base_keeps_its_3d_positions(tmp_path):
+    from _real_checkpoints import word_tokenizer
+
+    from mckit.models.adapters import MRoPEAdapter
+    from mckit.models.real_llm import MRoPECausalLM
+
+    build_base("qwen2_5_vl", tmp_path / "qwen")
+    build("qwen2_5_vl", tmp_path / "vl", 1)
+    out = compose_checkpoints("ties", tmp_path / "qwen", [str(tmp_path / "vl")], tmp_path / "composed",
+                              progress=False)
+    model = load_composed(out, size=56, tokenizer=word_tokenizer())   # AutoTokenizer would read it as Qwen2's BPE
+    assert isinstance(model.llm, MRoPECausalLM) and isinstance(model.adapter, MRoPEAdapter)
+    assert model.adapter.grids == {"image": (1, 2, 2)}
+    batch = model.batch(["w5 w302 <image> w303 w9"], [{"image": [torch.randn(model.branches["image"].input_shape)]}])
+    assert batch.position_ids.shape == (3, 1, 8) and batch.position_ids[:, 0, 2:6].T.tolist()[3] == [2, 3, 3]
+    assert len(model.generate(batch, 2)) == 1

@@ -106,16 +106,17 @@ def compose_checkpoints(method: str, base: str | Path, sources: list[str], out: 
     check_same_text_base({str(p): read_config(p) for p in (base, *paths)})
     branches = plan_branches(parsed)
     views = [llm_view(p) for p in (base, *paths)]
-    positions = {family_of(read_config(p), p).positions for p in paths}
+    mrope = [v.config() for p, v in zip(paths, views[1:]) if family_of(read_config(p), p).positions == "mrope"]
+    text = mrope[0] if mrope else views[0].config()       # a plain Qwen2 base: its sources' 3-D rotary config
     with atomic_dir(out, overwrite=overwrite) as tmp:
         merge_views(method, views[0], views[1:], tmp / "llm", side_files=False, progress=progress, **options)
-        write_llm_files(base, views[0].config(), tmp / "llm", "mrope" in positions)
+        write_llm_files(base, text, tmp / "llm", bool(mrope))
         for mod, path in branches.items():
             write_branch(path, mod, tmp / "branches" / mod)
         manifest = {"method": method, "options": options, "base": str(base),
                     "sources": [{"path": str(p), "model_type": read_config(p)["model_type"],
                                  "modalities": [m for m, q in branches.items() if q == p]} for p in paths],
-                    "text_config": views[0].config(), "positions": "mrope" if "mrope" in positions else "1d",
+                    "text_config": text, "positions": "mrope" if mrope else "1d",
                     "branches": {m: f"branches/{m}" for m in branches}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return out
