@@ -231,3 +231,19 @@ def test_naive_fine_tuning_moves_the_llm_linears_only(full_models):
     train_new_task(model, "point", world, bank, partner, 2, batch_size=4)
     moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert moved and all(mmer.routable(k) for k in moved), sorted(moved)[:5]
+
+
+def test_mmer_split_scores_every_system_with_lambdas_from_validation(monkeypatch):
+    from mckit.experiments import mmer as experiments
+    from mckit.experiments.composition import Systems
+
+    monkeypatch.setattr(experiments, "LAMBDA_GRID", (0.6, 1.0))          # a small search: the mechanics only
+    ticks = []
+    out = experiments.mmer_split(Systems("full"), "MCUB-4", n=4, n_tune=2, tick=ticks.append)
+    assert set(out["results"]) == {"letter", "named_letter", "option_score"}
+    assert list(out["results"]["option_score"]) == ["naivemc", *experiments.MMER_SYSTEMS]
+    assert all(r["n"] == 4 and 0 <= r["acc"] <= 1 for p in out["results"].values() for r in p.values())
+    assert len(out["lambdas"]["mmer_tuned"]["lam"]) == 4 and out["lambdas"]["ta_dare"]["lam"] in experiments.LAMBDAS
+    assert 0 < len(ticks) <= experiments.split_steps("MCUB-4")
+    table = experiments.lambda_table({"MCUB-4": out})
+    assert list(table.columns[:4]) == list(MODS) and set(table.loc["MCUB-4", list(MODS)]) <= {0.6, 1.0}

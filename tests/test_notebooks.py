@@ -20,12 +20,12 @@ INJECTED = {
     "02_naivemc": {"VARIANT": "full", "MODALITIES": ["image", "audio", "video"], "ITEM": 3, "N_SMOKE": 60},
     "03_damc": {"SPLITS": ["MCUB-4"], "N_SMOKE": 16, "N_TUNE_SMOKE": 8, "N_LIVE": 8, "ITEM": 2,
                 "EXPLORE_LAMBDAS": [0.5, 0.25, 0.25, 0.1]},
-    "04_mmer": {"SPLITS": ["MCUB-4"], "N_SMOKE": 16, "N_TUNE_SMOKE": 8, "N_SINGLE_SMOKE": 8, "N_SENSITIVITY_SMOKE": 4,
-                "MASK_KEEP": 0.6, "MASK_LAMBDA": 0.8, "FORGET_MODALITY": "audio", "FORGET_STEPS_SMOKE": 10},
+    "04_mmer": {"N_SMOKE": 16, "N_TUNE_SMOKE": 8, "N_SINGLE_SMOKE": 8, "N_SENSITIVITY_SMOKE": 4, "MASK_KEEP": 0.6,
+                "MASK_LAMBDA": 0.8, "FORGET_MODALITY": "audio", "FORGET_STEPS_SMOKE": 10},
     "05_merging_zoo": {"EXPLORE_METHOD": "ties", "EXPLORE_LAMBDA": 0.5, "RANK_ABLATION": False,
                        "N_MODALITY_SMOKE": 20, "N_MODALITY_VAL_SMOKE": 10},
     "07_real_mllms": {"METHOD": "ties", "LAMBDA": 0.5, "N": 3, "DTYPE": "float32", "DEVICE": "cpu"},
-    "06_mcub": {"DEVICE": "cpu", "VARIANT": "full", "N_SMOKE": 12, "SPLITS": ["MCUB-4", "MCUB-3-audio-video-point"]},
+    "06_mcub": {"DEVICE": "cpu", "N_SMOKE": 12},
 }
 #: Seconds a notebook's default run may take under nbval. Measured on 2 cores with another process busy on one
 #: of them: 6-29 s per notebook (06 the longest), so this leaves more than 10x.
