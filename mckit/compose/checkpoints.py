@@ -40,9 +40,9 @@ from mckit.models.families import (
     text_config,
 )
 from mckit.models.mllm import MLLM
-from mckit.models.real_branches import FEATURES, load_branch, preprocessor, real_mllm, tower_tensors
+from mckit.models.real_branches import FEATURES, load_branch, open_checkpoint, preprocessor, real_mllm, tower_tensors
 from mckit.storage.atomic import atomic_dir
-from mckit.storage.tensorfiles import Checkpoint, RenamedView, TensorFileError
+from mckit.storage.tensorfiles import RenamedView
 
 #: Files copied beside a branch's tensors (the source's processors) and beside the merged LLM (the base's).
 BRANCH_FILES = ("config.json", "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
@@ -61,10 +61,7 @@ def llm_view(path: Path) -> RenamedView:
     """A zero-copy view of the language model of checkpoint folder ``path`` under causal-LM names (a plain
     language model is its own view), with its text config."""
     config = read_config(path)
-    try:
-        ckpt = Checkpoint(path)
-    except TensorFileError as err:
-        raise FamilyError(str(err)) from None
+    ckpt = open_checkpoint(path)
     if config.get("model_type") in FAMILIES:
         names = llm_names(family_of(config, path), ckpt.names)
     elif config.get("model_type") in ARCHITECTURES:

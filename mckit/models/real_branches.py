@@ -67,22 +67,30 @@ class NativeFeatures(nn.Module):
         return feats.reshape(len(x), -1, feats.shape[-1])
 
 
-def tower_tensors(path: Path, family: Family, modality: str) -> dict[str, torch.Tensor]:
-    """{on-disk name: tensor} of ``modality``'s tower and projector, read only from the shards holding them."""
+def open_checkpoint(path: Path) -> Checkpoint:
+    """The checkpoint folder's tensor index; an unreadable one is a :class:`FamilyError` naming it."""
     try:
-        ckpt = Checkpoint(path)
+        return Checkpoint(path)
     except TensorFileError as err:
         raise FamilyError(str(err)) from None
-    prefixes = family.towers[modality]
-    wanted = [n for n in ckpt.names if n.startswith(prefixes)]
+
+
+def read_tensors(ckpt: Checkpoint, names) -> dict[str, torch.Tensor]:
+    """{name: tensor} of ``names``, each shard that holds one opened once with ``safe_open`` (no other is read)."""
     by_file: dict[Path, list[str]] = {}
-    for name in wanted:
+    for name in names:
         by_file.setdefault(ckpt.file_of(name), []).append(name)
     out = {}
-    for file, names in by_file.items():
+    for file, group in by_file.items():
         with safe_open(str(file), "pt") as f:
-            out.update({n: f.get_tensor(n) for n in names})
+            out.update({n: f.get_tensor(n) for n in group})
     return out
+
+
+def tower_tensors(path: Path, family: Family, modality: str) -> dict[str, torch.Tensor]:
+    """{on-disk name: tensor} of ``modality``'s tower and projector, read only from the shards holding them."""
+    ckpt = open_checkpoint(path)
+    return read_tensors(ckpt, [n for n in ckpt.names if n.startswith(family.towers[modality])])
 
 
 def _in_memory(names, memory: set[str], path: Path) -> dict[str, str]:

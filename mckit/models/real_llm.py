@@ -15,13 +15,12 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import init_empty_weights
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mckit.models.families import FamilyError, family_of, llm_names, read_config, text_config
-from mckit.storage.tensorfiles import Checkpoint, TensorFileError
+from mckit.models.real_branches import open_checkpoint, read_tensors
 
 #: Text model classes that ``AutoModel`` does not map from their text config's ``model_type``.
 TEXT_MODELS = {"qwen2_5_omni_text": "Qwen2_5OmniThinkerTextModel"}
@@ -70,23 +69,12 @@ def read_llm_state(path: str | Path, dtype: torch.dtype | None = None) -> dict[s
     ``safe_open`` (no tower tensor is read); ``dtype``: cast on reading (None keeps the stored one)."""
     path = Path(path)
     config = read_config(path)
-    try:
-        ckpt = Checkpoint(path)
-    except TensorFileError as err:
-        raise FamilyError(str(err)) from None
+    ckpt = open_checkpoint(path)
     names = llm_names(family_of(config, path), ckpt.names)
     if not names:
         raise FamilyError(f"{path}: no language-model tensor found (model_type {config.get('model_type')!r})")
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    for mapped, name in names.items():
-        by_file.setdefault(ckpt.file_of(name), []).append((mapped, name))
-    state = {}
-    for file, pairs in by_file.items():
-        with safe_open(str(file), "pt") as f:
-            for mapped, name in pairs:
-                t = f.get_tensor(name)
-                state[mapped] = t if dtype is None else t.to(dtype)
-    return state
+    tensors = read_tensors(ckpt, names.values())
+    return {mapped: tensors[name] if dtype is None else tensors[name].to(dtype) for mapped, name in names.items()}
 
 
 def load_text_llm(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
