@@ -189,7 +189,7 @@ def slow(*args, **kwargs):
     time.sleep(0.3)
     return original(*args, **kwargs)
 E.merge_array = slow
-E.merge_checkpoints("ties", sys.argv[1], sys.argv[2:4], sys.argv[4], progress=False)
+E.merge_checkpoints("dare_ties", sys.argv[1], sys.argv[2:4], sys.argv[4], progress=False)
 """
 
 

@@ -197,12 +197,12 @@ def test_failure_midway_keeps_previous_output(ckpts, tmp_path, monkeypatch):
 
     monkeypatch.setattr(E, "merge_array", failing)
     with pytest.raises(KeyboardInterrupt):
-        E.merge_checkpoints("ties", ckpts["base"], ckpts["experts"], out, overwrite=True, progress=False)
+        E.merge_checkpoints("dare_ties", ckpts["base"], ckpts["experts"], out, overwrite=True, progress=False)
     assert calls["n"] == 5
     assert tree_snapshot(out) == before and _leftovers(tmp_path) == []
     calls["n"] = 0
     with pytest.raises(KeyboardInterrupt):
-        E.merge_checkpoints("ties", ckpts["base"], ckpts["experts"], tmp_path / "new", progress=False)
+        E.merge_checkpoints("dare_ties", ckpts["base"], ckpts["experts"], tmp_path / "new", progress=False)
     assert not (tmp_path / "new").exists() and _leftovers(tmp_path) == []
 
 
@@ -340,8 +340,8 @@ _IMPORTS_TORCH = ("import sys; from mckit.__main__ import main; rc = main(sys.ar
 
 
 @pytest.mark.parametrize("method, imports_torch", [("average", False), ("task_arithmetic", False),
-                                                   ("ties", True)])
-def test_linear_merges_never_import_torch(ckpts, tmp_path, method, imports_torch):
+                                                   ("ties", False), ("dare_ties", True)])
+def test_block_merges_never_import_torch(ckpts, tmp_path, method, imports_torch):
     args = ["merge", "--method", method, "--base", str(ckpts["base"]), "--models",
             *map(str, ckpts["experts"]), "--out", str(tmp_path / "out"), "--quiet"]
     done = subprocess.run([sys.executable, "-c", _IMPORTS_TORCH, *args], capture_output=True, text=True,

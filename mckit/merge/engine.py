@@ -17,12 +17,15 @@ merge's temporaries, never whole models.
   combine them with numpy (:mod:`mckit.merge.linear_kernel`) and ``os.pwrite`` the block
   into the output: a few MiB per thread, and about the time it takes to read
   the inputs once.
+* TIES runs the same way (:mod:`mckit.merge.ties_kernel`, no torch): each
+  expert's per-tensor trim threshold comes from one streamed counting pass
+  inside a bracket placed by a sample (exact), then a second pass merges block
+  by block.  With ``scope="global"`` two passes over each expert's whole task
+  vector find the exact global threshold first (a 2^15 + 2^16 bin bit-pattern
+  histogram, :func:`mckit.merge.thresholds.streamed_magnitude_threshold`;
+  identical to ``kthvalue`` on the concatenated task vector; torch).
 * Every other method memory-maps the tensor of each input and runs
   :func:`mckit.merge.kernels.merge_tensor` on it (torch is imported on first use).
-* TIES with ``scope="global"`` streams too: for each expert, two passes over
-  its task vector find the exact global magnitude threshold (a 2^15 + 2^16 bin
-  bit-pattern histogram, :func:`mckit.merge.thresholds.streamed_magnitude_threshold`;
-  identical to ``kthvalue`` on the concatenated task vector), then a third pass merges.
 * DARE masks are seeded per tensor: :func:`mckit.merge.registry.tensor_seed` (+ expert index),
   exactly as in memory (composition, :func:`merge_state_dict`).
 * The output (shards, index json, config/tokenizer/generation files copied
@@ -55,6 +58,7 @@ from mckit.merge.linear_kernel import (
     scratch,
 )
 from mckit.merge.registry import METHODS, get
+from mckit.merge.ties_kernel import tensor_thresholds, ties_blocks
 from mckit.storage.atomic import atomic_dir
 from mckit.storage.tensorfiles import (
     DTYPES,
@@ -250,9 +254,14 @@ class _MergeRun:
 
     def input_files(self) -> list[Path]:
         """Files the linear kernel reads (none for the other methods)."""
-        if not get(self.method).linear_kernel:
+        if not self.streamed:
             return []
         return [ck.file_of(n) for ck in self.linear_inputs() for n in self.merged]
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the method runs block by block in numpy (average, task arithmetic, TIES)."""
+        return get(self.method).linear_kernel or self.method == "ties"
 
     def write_tensor(self, writer: ShardWriter, name: str, code: str) -> None:
         """Merge tensor ``name`` (or copy the base's after a NaN/Inf check) into ``writer``."""
@@ -264,6 +273,13 @@ class _MergeRun:
         elif get(self.method).linear_kernel:
             size = self.base.info(name).numel
             if not parallel_blocks(lambda starts: self._linear_blocks(writer, name, starts), size):
+                self._fail(name, NonFiniteResult(f"merging tensor {name} produced NaN or Inf"))
+        elif self.method == "ties":
+            size, keep = self.base.info(name).numel, float(self.options["keep"])
+            thresholds = self.thresholds or tensor_thresholds(self.reader, self.base, self.experts, name, keep)
+            write = lambda start, values: writer.write_entries(name, start, values)   # noqa: E731
+            if not parallel_blocks(lambda starts: ties_blocks(self.reader, self.base, self.experts, name, starts,
+                                                              thresholds, self.options, write), size):
                 self._fail(name, NonFiniteResult(f"merging tensor {name} produced NaN or Inf"))
         else:
             writer.write(name, self._torch_merge(name))

@@ -69,22 +69,27 @@ def linear_block(method: str, theta_0: np.ndarray | None, thetas: Sequence[np.nd
     return all_finite(out)
 
 
-def parallel_blocks(run, size: int) -> bool:
-    """``run(starts)`` over the block starts of a ``size``-entry tensor, split over the worker threads.
+def map_blocks(run, size: int) -> list:
+    """``[run(starts) for each worker's share]`` of the block starts of a ``size``-entry tensor, side by side.
 
-    Returns True if every call returned True.  Waits for every thread before
-    returning or raising, so no block is still being written afterwards.
+    Waits for every thread before returning or raising, so no block is still
+    being read or written afterwards.
     """
     starts = range(0, size, BLOCK)
     parts = [starts[i::WORKERS] for i in range(min(WORKERS, len(starts)))]
     if len(parts) <= 1:
-        return run(starts)
+        return [run(starts)]
     jobs = [_pool().submit(run, part) for part in parts[1:]]
     try:
         first = run(parts[0])
     finally:
         wait(jobs)
-    return all([job.result() for job in jobs]) and first
+    return [first] + [job.result() for job in jobs]
+
+
+def parallel_blocks(run, size: int) -> bool:
+    """:func:`map_blocks` of a ``run`` that returns whether its blocks are finite: True if all are."""
+    return all(map_blocks(run, size))
 
 
 def linear_merge(method: str, base: np.ndarray, experts: Sequence[np.ndarray], lam: float = 1.0,
