@@ -7,7 +7,9 @@ from mckit.models.tiny_real import (  # noqa: F401
     QWEN25_BASED,
     build,
     build_base,
+    save_anyres_processor,
     save_clip_processor,
+    save_qwen_processor,
     save_whisper_extractor,
     word_tokenizer,
 )

@@ -177,7 +177,22 @@ def test_a_qwen_vl_source_over_a_plain_qwen2_base_keeps_its_3d_positions(tmp_pat
                               progress=False)
     model = load_composed(out, size=56, tokenizer=word_tokenizer())   # AutoTokenizer would read it as Qwen2's BPE
     assert isinstance(model.llm, MRoPECausalLM) and isinstance(model.adapter, MRoPEAdapter)
-    assert model.adapter.grids == {"image": (1, 2, 2)}
+    assert model.adapter.grids == {"image": (1, 2, 2), "video": (4, 2, 2)}       # both of its branches
     batch = model.batch(["w5 w302 <image> w303 w9"], [{"image": [torch.randn(model.branches["image"].input_shape)]}])
     assert batch.position_ids.shape == (3, 1, 8) and batch.position_ids[:, 0, 2:6].T.tolist()[3] == [2, 3, 3]
     assert len(model.generate(batch, 2)) == 1
+
+
+def test_a_source_given_as_text_adds_its_language_model_and_no_branch(llama, tmp_path):
+    out = compose_checkpoints("average", llama["base"][0], [f"{llama['llava'][0]}:image",
+                                                            f"{llama['video_llava'][0]}:text"], tmp_path / "c",
+                              progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["branches"] == {"image": "branches/image"} and manifest["sources"][1]["modalities"] == []
+    want = merge_state_dict("average", llama["base"][1].state_dict(),
+                            [read_llm_state(llama[k][0]) for k in ("llava", "video_llava")])
+    from safetensors.torch import load_file
+
+    got = load_file(str(out / "llm" / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert torch.allclose(got[name], want[name], atol=1e-6)

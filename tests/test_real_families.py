@@ -217,3 +217,166 @@ def test_audio_flamingo_audio_in_a_composed_model_gives_the_native_logits(saved,
         ids = torch.tensor([[5] + [300] * 25 + [17] + [300] * 25 + [9]])
         want = native(input_ids=ids, input_features=x, input_features_mask=torch.ones(2, 100, dtype=torch.long)).logits
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def _omni_audio_mask(n: int, frames: int = 100) -> torch.Tensor:
+    return torch.ones(n, frames, dtype=torch.long)
+
+
+def test_omni_audio_in_a_composed_model_gives_the_native_logits(saved, tokenizer):
+    """The Omni thinker's audio: 100 log-mel frames -> 25 tokens (conv stride 2, pool 2), framed by audio start /
+    end (305 / 306); its M-RoPE positions advance like text's, as the thinker's rope index lays audio out."""
+    from mckit.models.real_branches import load_branch, real_mllm
+
+    folder, native = saved["qwen2_5_omni_thinker"]
+    branch = load_branch(folder, "audio")
+    assert branch.input_shape == (16, 100) and branch.n_tokens == 25
+    model = real_mllm(load_text_llm(folder), tokenizer, {"audio": branch})
+    torch.manual_seed(5)
+    x = torch.randn(2, *branch.input_shape)
+    batch = model.batch(["w5 w305 <audio> w306 w17 w305 <audio> w306 w9"], [{"audio": [x[0], x[1]]}])
+    assert batch.position_ids[:, 0].tolist() == [list(range(batch.position_ids.shape[-1]))] * 3
+    with torch.no_grad():
+        got = model(batch).logits
+        ids = torch.tensor([[5, 305] + [304] * 25 + [306, 17, 305] + [304] * 25 + [306, 9]])
+        want = native(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=x,
+                      feature_attention_mask=_omni_audio_mask(2)).logits
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_omni_image_and_audio_together_give_the_native_logits_with_its_3d_positions(saved, tokenizer):
+    """An image (3-D grid positions) and an audio clip (text-like positions) in one Omni prompt: the rope index's
+    layout of both: the text after the image resumes one past its largest index, the audio runs on like text."""
+    from mckit.models.real_branches import load_branch, real_mllm
+
+    folder, native = saved["qwen2_5_omni_thinker"]
+    branches = {"image": load_branch(folder, "image", size=56), "audio": load_branch(folder, "audio")}
+    model = real_mllm(load_text_llm(folder), tokenizer, branches)
+    torch.manual_seed(6)
+    image, audio = torch.randn(1, *branches["image"].input_shape), torch.randn(1, *branches["audio"].input_shape)
+    batch = model.batch(["w5 w302 <image> w303 w17 w305 <audio> w306 w9"], [{"image": [image[0]], "audio": [audio[0]]}])
+    with torch.no_grad():
+        got = model(batch).logits
+        ids = torch.tensor([[5, 302] + [300] * 4 + [303, 17, 305] + [304] * 25 + [306, 9]])
+        mask, grid = torch.ones_like(ids), torch.tensor([[1, 4, 4]])
+        want = native(input_ids=ids, attention_mask=mask, pixel_values=image[0], image_grid_thw=grid,
+                      input_features=audio, feature_attention_mask=_omni_audio_mask(1)).logits
+        index, _ = native.model.get_rope_index(ids, grid, None, mask, audio_seqlens=torch.tensor([100]))
+    assert torch.equal(batch.position_ids, index)
+    assert batch.position_ids[:, 0, 9:11].T.tolist() == [[7, 7, 7], [8, 8, 8]]    # image up to 3, w303 w17 w305 4-6
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_qwen2_audio_alone_in_a_composed_model_gives_the_native_logits(saved, tokenizer):
+    """Qwen2-Audio: exactly 2 x max_source_positions mel frames (the tiny tower: 16 bins, 100 frames; the real one
+    128 x 3000), its tower then its projector, 25 tokens."""
+    from mckit.models.real_branches import load_branch, real_mllm
+
+    folder, native = saved["qwen2_audio"]
+    branch = load_branch(folder, "audio")
+    assert branch.input_shape == (16, 2 * native.config.audio_config.max_source_positions) and branch.n_tokens == 25
+    model = real_mllm(load_text_llm(folder), tokenizer, {"audio": branch})
+    torch.manual_seed(7)
+    x = torch.randn(2, *branch.input_shape)
+    with torch.no_grad():
+        got = model(model.batch(["w5 <audio> w17 <audio> w9"], [{"audio": [x[0], x[1]]}])).logits
+        ids = torch.tensor([[5] + [300] * 25 + [17] + [300] * 25 + [9]])
+        want = native(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=x,
+                      feature_attention_mask=torch.ones(2, 100, dtype=torch.long)).logits
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def _video_patches_by_hand(frames, mean, std, temporal=2, merge=2, patch=14) -> torch.Tensor:
+    """Qwen2-VL's video patches of (F, S, S, 3) uint8 frames, one patch at a time: rows (ti, bh, bw, mh, mw),
+    each (c, k, y, x) of frame ti * T + k."""
+    x = (torch.tensor(frames).permute(0, 3, 1, 2).double() / 255 - torch.tensor(mean)[:, None, None]) \
+        / torch.tensor(std)[:, None, None]
+    blocks = x.shape[-1] // (patch * merge)
+    rows = []
+    for ti in range(len(frames) // temporal):
+        for bh in range(blocks):
+            for bw in range(blocks):
+                for mh in range(merge):
+                    for mw in range(merge):
+                        y0, x0 = (bh * merge + mh) * patch, (bw * merge + mw) * patch
+                        group = [x[ti * temporal + k, :, y0:y0 + patch, x0:x0 + patch] for k in range(temporal)]
+                        rows.append(torch.stack(group, dim=1).reshape(-1))
+    return torch.stack(rows).float()
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_video_in_a_composed_model_gives_the_native_logits_with_3d_positions(saved, tokenizer, kind, tmp_path):
+    """8 frames of 56 x 56 pixels: video patches built from the image processor's (grid (4, 4, 4), 4 temporal x
+    2 x 2 merged tokens), equal to a by-hand patching; positions from the grid, Qwen2.5-VL's temporal index at
+    tokens_per_second x 1 s per temporal patch, the text after resuming at the video's start + max(h, w)."""
+    import numpy as np
+    from _real_checkpoints import save_qwen_processor
+
+    from mckit.models.qwen_video import SECONDS_PER_GRID
+    from mckit.models.real_branches import load_branch, preprocessor, real_mllm
+
+    folder, native = saved[kind]
+    save_qwen_processor(folder)
+    branch = load_branch(folder, "video", size=56)
+    assert branch.n_tokens == 16 and branch.input_shape == (64, 3 * 2 * 14 * 14)
+    frames = np.random.default_rng(8).integers(0, 256, (8, 56, 56, 3), dtype=np.uint8)
+    x = preprocessor(folder, "video", 56)(frames)
+    processor = __import__("transformers").AutoImageProcessor.from_pretrained(folder)
+    assert torch.allclose(x, _video_patches_by_hand(frames, processor.image_mean, processor.image_std), atol=1e-5)
+    model = real_mllm(load_text_llm(folder), tokenizer, {"video": branch})
+    batch = model.batch(["w5 w17 w302 <video> w303 w42 w9"], [{"video": [x]}])
+    step = native.config.vision_config.tokens_per_second if kind == "qwen2_5_vl" else 1
+    assert batch.position_ids[0, 0, 3:19:4].tolist() == [3 + step * t for t in range(4)]
+    assert batch.position_ids[:, 0, 19].tolist() == [5, 5, 5]
+    with torch.no_grad():
+        got = model(batch).logits
+        ids = torch.tensor([[5, 17, 302] + [301] * 16 + [303, 42, 9]])
+        seconds = {"second_per_grid_ts": torch.tensor([SECONDS_PER_GRID])} if kind == "qwen2_5_vl" else {}
+        want = native(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=x,
+                      video_grid_thw=torch.tensor([[4, 4, 4]]), mm_token_type_ids=2 * (ids == 301).int(),
+                      **seconds).logits
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_llava_next_video_anyres_image_in_a_composed_model_gives_the_native_logits(saved, tokenizer):
+    """LLaVA-NeXT-Video's image: a 56 x 56 square (the largest square pinpoint of the tiny tower) tiled by its own
+    processor into the whole image + 2 x 2 tiles of 28 x 28; 4 base tokens, then 4 x 4 tile tokens with an
+    image_newline closing each of the 4 rows: 24 tokens."""
+    import numpy as np
+    from _real_checkpoints import save_anyres_processor
+    from PIL import Image
+
+    from mckit.models.real_branches import load_branch, preprocessor
+
+    folder, native = saved["llava_next_video"]
+    save_anyres_processor(folder)
+    branch = load_branch(folder, "image")
+    assert branch.input_shape == (5, 3, 28, 28) and branch.n_tokens == 24
+    image = Image.fromarray(np.random.default_rng(9).integers(0, 256, (40, 70, 3), dtype=np.uint8))
+    x = preprocessor(folder, "image")(image)
+    model = MLLM(load_text_llm(folder), tokenizer, {"image": branch})
+    with torch.no_grad():
+        got = model(model.batch(["w5 w17 <image> w42 w9"], [{"image": [x]}])).logits
+        want = _native_logits(native, [5, 17] + [300] * 24 + [42, 9], pixel_values=x[None],
+                              image_sizes=torch.tensor([[56, 56]]))
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("kind", ["qwen2_audio", "qwen2_5_omni_thinker"])
+def test_audio_preprocessor_pads_or_cuts_a_clip_to_the_branch_frames(saved, kind, tmp_path):
+    """Whatever clip length the saved extractor pads to (3 s here), a clip becomes the branch's 2 x
+    max_source_positions frames: a short one padded, a long one cut."""
+    import numpy as np
+    from _real_checkpoints import save_whisper_extractor
+
+    from mckit.models.real_branches import load_branch, preprocessor
+
+    folder = tmp_path / kind
+    saved[kind][1].save_pretrained(folder)
+    save_whisper_extractor(folder, seconds=3)
+    shape = load_branch(folder, "audio").input_shape
+    process = preprocessor(folder, "audio")
+    rng = np.random.default_rng(10)
+    short, long = (process(rng.standard_normal(n).astype(np.float32)) for n in (4_000, 40_000))
+    assert tuple(short.shape) == tuple(long.shape) == shape == (16, 100)
+    assert not torch.equal(short, long)

@@ -12,7 +12,7 @@ from mckit.merge import ties_kernel as K
 from mckit.merge.thresholds import kth_largest
 from mckit.storage.tensorfiles import BlockReader, Checkpoint
 
-BIG = "model.layers.0.mlp.down_proj.weight"          # 1100 x 1000: more than 4 x the sample, so bracketed
+BIG = "model.layers.0.mlp.down_proj.weight"          # 1100 x 1000: larger than the sample, so bracketed
 SMALL = "model.layers.0.self_attn.q_proj.weight"
 
 

@@ -11,6 +11,9 @@
 - ``branches/{modality}/``: that modality's tower and projector tensors under the source's own names, with the
   source's config and preprocessor files: a partial checkpoint that
   :func:`mckit.models.real_branches.load_branch` reads;
+- with ``--method mmer``: ``llm/`` holds the text route's weights and ``mmer.safetensors`` tau* and each
+  modality's bit-packed mask (:mod:`mckit.compose.mmer_files`); :func:`load_composed` routes each modality's
+  positions through its mask;
 - ``manifest.json``: the method and its options, the base, every source and the modalities it gives, the text
   config and the position scheme.
 
@@ -27,6 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from mckit.compose.mmer_files import MASK_FILE, mmer_options, route_mmer, write_mmer
 from mckit.merge.checks import MergeError, check_distinct, prepare_out
 from mckit.merge.engine import merge_views
 from mckit.models.families import (
@@ -49,6 +53,8 @@ BRANCH_FILES = ("config.json", "preprocessor_config.json", "processor_config.jso
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 MANIFEST = "manifest.json"
+#: The modality a source is given as (``SOURCE:text``) when only its language model is wanted.
+TEXT_ONLY = "text"
 
 
 def parse_source(spec: str) -> tuple[Path, tuple[str, ...] | None]:
@@ -73,13 +79,14 @@ def llm_view(path: Path) -> RenamedView:
 
 
 def plan_branches(sources: list[tuple[Path, tuple[str, ...] | None]]) -> dict[str, Path]:
-    """{modality: source folder}: each source's modalities (all it can give when none are named); a modality given
-    by two sources, or one a source cannot give, is an error naming them."""
+    """{modality: source folder}: each source's modalities (all it can give when none are named; ``text``: none,
+    its language model is merged and nothing else is used); a modality given by two sources, or one a source
+    cannot give, is an error naming them."""
     out: dict[str, Path] = {}
     for path, mods in sources:
         family = family_of(read_config(path), path)
         possible = tuple(m for t, m in FEATURES if t == family.model_type)
-        for mod in mods or possible:
+        for mod in (m for m in mods or possible if m != TEXT_ONLY):
             if mod not in possible:
                 raise FamilyError(f"{path}: a {family.model_type} model gives no {mod} branch the kit can run "
                                   f"(it gives {', '.join(possible) or 'none'})")
@@ -92,7 +99,8 @@ def plan_branches(sources: list[tuple[Path, tuple[str, ...] | None]]) -> dict[st
 def compose_checkpoints(method: str, base: str | Path, sources: list[str], out: str | Path, *,
                         overwrite: bool = False, progress: bool = True, **options) -> Path:
     """Merge the sources' language models over ``base`` with ``method`` (any registered merging method and its
-    options) and copy each source's branches; see the module doc for the layout. Returns ``out``."""
+    options, or ``"mmer"``: :mod:`mckit.compose.mmer_files`) and copy each source's branches; see the module doc
+    for the layout. Returns ``out``."""
     out, base = Path(out), Path(base)
     parsed = [parse_source(s) for s in sources]
     if not parsed:
@@ -105,16 +113,28 @@ def compose_checkpoints(method: str, base: str | Path, sources: list[str], out: 
     views = [llm_view(p) for p in (base, *paths)]
     mrope = [v.config() for p, v in zip(paths, views[1:]) if family_of(read_config(p), p).positions == "mrope"]
     text = mrope[0] if mrope else views[0].config()       # a plain Qwen2 base: its sources' 3-D rotary config
+    given = {p: [m for m, q in branches.items() if q == p] for p in paths}
+    mmer = mmer_options(options, len(paths)) if method == "mmer" else None
+    if mmer is not None:
+        several = next((p for p, mods in given.items() if len(mods) != 1), None)
+        if several is not None:
+            raise MergeError(f"mmer takes one modality per source: {several} gives {', '.join(given[several])}; "
+                             "name one with SOURCE:MODALITY")
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        merge_views(method, views[0], views[1:], tmp / "llm", side_files=False, progress=progress, **options)
+        manifest = {"method": method, "options": options, "base": str(base),
+                    "sources": [{"path": str(p), "model_type": read_config(p)["model_type"], "modalities": given[p]}
+                                for p in paths],
+                    "text_config": text, "positions": "mrope" if mrope else "1d",
+                    "branches": {m: f"branches/{m}" for m in branches}}
+        if mmer is None:
+            merge_views(method, views[0], views[1:], tmp / "llm", side_files=False, progress=progress, **options)
+        else:
+            modalities = tuple(given[p][0] for p in paths)
+            info = write_mmer(views[0], views[1:], modalities, tmp / "llm", tmp / MASK_FILE, mmer, progress)
+            manifest["mmer"] = {"file": MASK_FILE, "modalities": list(modalities), **info}
         write_llm_files(base, text, tmp / "llm", bool(mrope))
         for mod, path in branches.items():
             write_branch(path, mod, tmp / "branches" / mod)
-        manifest = {"method": method, "options": options, "base": str(base),
-                    "sources": [{"path": str(p), "model_type": read_config(p)["model_type"],
-                                 "modalities": [m for m, q in branches.items() if q == p]} for p in paths],
-                    "text_config": text, "positions": "mrope" if mrope else "1d",
-                    "branches": {m: f"branches/{m}" for m in branches}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return out
 
@@ -166,7 +186,10 @@ def load_composed(folder: str | Path, device_map=None, dtype: torch.dtype | None
         tokenizer = AutoTokenizer.from_pretrained(llm_dir)
     device = next(llm.parameters()).device
     branches = {m: load_branch(folder / sub, m, dtype, size).to(device) for m, sub in manifest["branches"].items()}
-    return real_mllm(llm, tokenizer, branches)
+    model = real_mllm(llm, tokenizer, branches)
+    if "mmer" in manifest:
+        route_mmer(model, folder / manifest["mmer"]["file"], manifest["mmer"]["modalities"])
+    return model
 
 
 def composed_preprocessors(folder: str | Path, size: int | None = None) -> dict:

@@ -7,7 +7,8 @@ Example::
 
 The sources' language models are merged over the base by the streaming engine;
 each source's towers and projectors are copied as branches (``SOURCE:image,video``
-picks them; by default every modality the source gives). Open the result with
+picks them; by default every modality the source gives; ``SOURCE:text`` merges its
+language model and copies no branch). Open the result with
 ``mckit.compose.checkpoints.load_composed(OUT, device_map="auto", dtype=torch.bfloat16)``.
 Errors print one line to stderr and exit with status 2; nothing is written.
 """
@@ -24,9 +25,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``compose`` subcommand."""
     p = subparsers.add_parser("compose", help="compose real MLLMs: merged language model + each source's branches",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", required=True, choices=list(METHODS), help="merging algorithm for the language model")
+    p.add_argument("--method", required=True, choices=[*METHODS, "mmer"],
+                   help="merging algorithm for the language model; mmer: TIES + a mask per modality, routed")
     p.add_argument("--base", required=True, help="the base language model's folder (or an MLLM built on it)")
-    p.add_argument("--sources", required=True, nargs="+", help="source MLLM folders, optionally SOURCE:MOD,MOD")
+    p.add_argument("--sources", required=True, nargs="+", help="source MLLM folders, optionally SOURCE:MOD,MOD (SOURCE:text: its LLM only)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     add_method_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an output folder written by the kit")

@@ -58,7 +58,7 @@ from mckit.merge.linear_kernel import (
     scratch,
 )
 from mckit.merge.registry import METHODS, get
-from mckit.merge.ties_kernel import tensor_thresholds, ties_blocks
+from mckit.merge.ties_kernel import streamed_ties
 from mckit.storage.atomic import atomic_dir
 from mckit.storage.tensorfiles import (
     DTYPES,
@@ -192,14 +192,15 @@ def merge_views(method: str, base: Checkpoint | RenamedView, experts: Sequence[C
     thresholds = _global_thresholds(method, base, list(experts), merged, options) if scope == "global" else None
     run = _MergeRun(method, base, list(experts), set(merged), options, thresholds)
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
-        _write_merge(run, tmp, max_shard_bytes, progress)
+        write_shards(run, tmp, max_shard_bytes, progress)
         if side_files:
             _copy_side_files(base.path, tmp)
     return Path(out)
 
 
-def _write_merge(run: "_MergeRun", tmp: Path, max_shard_bytes: int, progress: bool) -> None:
-    """Write every tensor of the base, merged or copied, into shards (+ index) under ``tmp``."""
+def write_shards(run, tmp: Path, max_shard_bytes: int, progress: bool) -> None:
+    """Write every tensor of ``run.base``, merged or copied by ``run.write_tensor(writer, name, dtype code)``, into
+    shards (+ index) under ``tmp``, with ``run.reader`` open on ``run.input_files()`` meanwhile."""
     base = run.base
     entries = [(n, base.shape(n), base.dtype_code(n)) for n in base.names]
     shards = plan_shards(entries, max_shard_bytes)
@@ -275,11 +276,7 @@ class _MergeRun:
             if not parallel_blocks(lambda starts: self._linear_blocks(writer, name, starts), size):
                 self._fail(name, NonFiniteResult(f"merging tensor {name} produced NaN or Inf"))
         elif self.method == "ties":
-            size, keep = self.base.info(name).numel, float(self.options["keep"])
-            thresholds = self.thresholds or tensor_thresholds(self.reader, self.base, self.experts, name, keep)
-            write = lambda start, values: writer.write_entries(name, start, values)   # noqa: E731
-            if not parallel_blocks(lambda starts: ties_blocks(self.reader, self.base, self.experts, name, starts,
-                                                              thresholds, self.options, write), size):
+            if not streamed_ties(self.reader, self.base, self.experts, name, self.options, writer, self.thresholds):
                 self._fail(name, NonFiniteResult(f"merging tensor {name} produced NaN or Inf"))
         else:
             writer.write(name, self._torch_merge(name))

@@ -100,6 +100,32 @@ class MaskedDelta(nn.Module):
         return self.mask * self.weight
 
 
+class PackedMaskDelta(nn.Module):
+    """x -> x ((m_i - mean_j m_j) * tau*)^T: route i of MMER's expansion over a weight already holding
+    theta_0 + mean_j(m_j) tau*, so route i runs theta_0 + m_i tau*.
+
+    ``tau_star`` (out, in) and ``packed`` (N, ceil(out * in / 8)) uint8, the N modalities' masks 8 entries per
+    byte (big-endian, numpy ``packbits``), are shared by the N routes of one linear and unpacked per call on
+    their device (N x out x in bytes of temporaries): the masks stay at one bit per entry between calls.
+    """
+
+    def __init__(self, tau_star: torch.Tensor, packed: torch.Tensor, index: int):
+        super().__init__()
+        self.register_buffer("tau_star", tau_star, persistent=False)
+        self.register_buffer("packed", packed, persistent=False)
+        self.index = index
+
+    def weight(self) -> torch.Tensor:
+        """(m_i - mean_j m_j) * tau*, computed in float32."""
+        shifts = torch.arange(7, -1, -1, device=self.packed.device, dtype=torch.uint8)
+        bits = (self.packed.unsqueeze(-1) >> shifts) & 1
+        masks = bits.reshape(len(self.packed), -1)[:, :self.tau_star.numel()].float()
+        return ((masks[self.index] - masks.mean(0)).reshape(self.tau_star.shape) * self.tau_star.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight().to(x.dtype))
+
+
 class RoutedLinear(nn.Module):
     """``base``'s linear plus a delta per route: y = x W^T + b + x dW_route^T, each route's tokens run once."""
 

@@ -26,6 +26,8 @@ QWEN_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, o
                    temporal_patch_size=2)
 #: Qwen's special token ids, moved inside the tiny vocabulary (image, video, vision start, vision end).
 QWEN_IDS = dict(image_token_id=300, video_token_id=301, vision_start_token_id=302, vision_end_token_id=303)
+#: LLaVA-NeXT's anyres resolutions for the tiny 28-pixel CLIP tower (the real ones: 336 x 672, ..., 672 x 672).
+ANYRES = [[28, 56], [56, 28], [56, 56]]
 WHISPER = dict(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=16,
                max_source_positions=50)
 
@@ -47,7 +49,7 @@ def _llava_next_video():
     from transformers import CLIPVisionConfig, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
     return LlavaNextVideoForConditionalGeneration(LlavaNextVideoConfig(
         text_config=LLAMA_TEXT, vision_config=CLIPVisionConfig(**CLIP).to_dict(), image_token_index=300,
-        video_token_index=301))
+        video_token_index=301, image_grid_pinpoints=ANYRES))
 
 
 def _qwen2_5_vl():
@@ -152,3 +154,19 @@ def write_demo(root: Path) -> dict:
         build(kind, root / kind, seed)
         save_clip_processor(root / kind)
     return {"base": root / "base", "sources": [f"{root / 'llava'}:image", f"{root / 'video_llava'}:video"]}
+
+
+def save_qwen_processor(folder: Path) -> None:
+    """The image processor of the tiny Qwen-VL towers (patch 14, merge 2, temporal patch 2: Qwen2-VL's own), saved as
+    the source saves its own; its PIL backend needs no torchvision."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2).save_pretrained(folder)
+
+
+def save_anyres_processor(folder: Path, side: int = 28) -> None:
+    """LLaVA-NeXT's image processor for the tiny CLIP towers (``side`` x ``side`` tiles at :data:`ANYRES`)."""
+    from transformers import LlavaNextImageProcessorPil
+
+    LlavaNextImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                               image_grid_pinpoints=ANYRES).save_pretrained(folder)

@@ -281,16 +281,27 @@ class ShardWriter:
             raise RuntimeError(f"out-of-plan write to {name}: shape {tuple(array.shape)}, planned {info.shape}")
         self.write_entries(name, 0, array.reshape(-1))
 
-    def write_entries(self, name: str, start: int, flat: np.ndarray) -> None:
-        """Write the 1-D ``flat`` as entries ``start .. start + flat.size`` of tensor ``name``."""
+    def write_entries(self, name: str, start: int, flat: np.ndarray, again: bool = False) -> None:
+        """Write the 1-D ``flat`` as entries ``start .. start + flat.size`` of tensor ``name``; ``again``: entries
+        written before, now overwritten (not counted twice)."""
         info = self._slot(name, flat)
         if flat.ndim != 1 or start < 0 or start + flat.size > info.numel:
             raise RuntimeError(f"out-of-plan write to {name}: entries {start}..{start + flat.size} "
                                f"of {info.numel}")
         data = memoryview(np.ascontiguousarray(flat).view(np.uint8))
         with self._lock:
-            self._missing[name] -= len(data)
+            self._missing[name] -= 0 if again else len(data)
         _pwrite_all(self.fd, data, info.offset + start * flat.itemsize)
+
+    def rewrite_at(self, name: str, index: np.ndarray, values: np.ndarray) -> None:
+        """Overwrite entries ``index`` of tensor ``name``, written before, with ``values`` (through a memory map
+        of the output: scattered entries cost no system call each)."""
+        info = self._slot(name, values)
+        if index.size and (index.min() < 0 or index.max() >= info.numel):
+            raise RuntimeError(f"out-of-plan rewrite of {name}: entries outside 0..{info.numel}")
+        view = np.memmap(self.path, dtype=values.dtype, mode="r+", offset=info.offset, shape=(info.numel,))
+        view[index] = values
+        del view
 
     def _slot(self, name: str, array: np.ndarray) -> TensorInfo:
         info = self.slots.get(name)
