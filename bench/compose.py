@@ -101,7 +101,8 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         size = sum(f.stat().st_size for d in (base, *sources) for f in d.glob("*.safetensors")) / 1e9
         wall, rss = timed([sys.executable, "-m", "mckit", "compose", "--method", args.method, "--base", str(base),
-                           "--sources", *(f"{s}:{r}" for s, r in zip(sources, ROLES)), "--out", str(out), "--quiet"], env)
+                           "--sources", *(f"{s}:{r}" for s, r in zip(sources, ROLES)), "--out", str(out),
+                           "--quiet"], env)
         results[layers] = {"wall_s": wall, "peak_rss_mib": rss, "input_gb": size}
         print(f"{layers} layers ({size:.1f} GB of inputs): {wall:.1f} s, peak RSS {rss:.0f} MiB "
               f"({rss / GOAL_MIB:.2f} of the 2 GiB goal)", flush=True)
