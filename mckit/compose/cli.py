@@ -28,7 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=[*METHODS, "mmer"],
                    help="merging algorithm for the language model; mmer: TIES + a mask per modality, routed")
     p.add_argument("--base", required=True, help="the base language model's folder (or an MLLM built on it)")
-    p.add_argument("--sources", required=True, nargs="+", 
+    p.add_argument("--sources", required=True, nargs="+",
                    help="source MLLM folders, optionally SOURCE:MOD,MOD (SOURCE:text: its LLM only)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     add_method_options(p)
