@@ -29,7 +29,7 @@ from merge import timed
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WORK = HERE / ".work" / "compose"
-SHAPES = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+SHAPES = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
               vocab_size=32000)
 SOURCES = ("llava", "video_llava", "llava_next_video")
 #: What each source gives the composed model (the third only its language model: both others give video).

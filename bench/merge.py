@@ -14,8 +14,8 @@
    plain average, all tensors merged by both tools (mckit --include '.*', as
    mergekit merges every tensor).  Wall time and peak RSS (os.wait4) of each
    child are taken by a small launcher process; every measurement runs
-   --repeat times (default 3), each after a sync, and best and median are kept.  Prints ratios against the targets: TIES >= 3x
-   faster than mergekit with no more peak memory; average within 1.5x of the
+   --repeat times (default 3), each after a sync, and best and median are kept.  Prints ratios against the targets: TIES >= 20x
+   faster than mergekit at <= 0.25x its peak memory; average within 1.5x of the
    read-once time.  Also checks that both tools' outputs agree.
 """
 
@@ -223,11 +223,11 @@ def main() -> None:
     for stat in ("best", "median"):
         t = {k: r[f"wall_{stat}"] for k, r in results.items()}
         print(f"\n{stat} wall times:")
-        print("TIES  speed-up vs mergekit: {:.2f}x (target >= 3x)".format(t["mergekit_ties"] / t["mckit_ties"]))
+        print("TIES  speed-up vs mergekit: {:.2f}x (target >= 20x)".format(t["mergekit_ties"] / t["mckit_ties"]))
         print("avg   speed-up vs mergekit: {:.2f}x".format(t["mergekit_average"] / t["mckit_average"]))
         print("avg   time / read-once(all inputs): {:.2f} (target <= 1.5); / read-once(experts): {:.2f}".format(
             t["mckit_average"] / t["read_once_all"], t["mckit_average"] / t["read_once_experts"]))
-    print("\nTIES  peak RSS mckit/mergekit: {:.2f} (target <= 1)".format(m["mckit_ties"] / m["mergekit_ties"]))
+    print("\nTIES  peak RSS mckit/mergekit: {:.2f} (target <= 0.25)".format(m["mckit_ties"] / m["mergekit_ties"]))
     print("avg   peak RSS mckit/mergekit: {:.2f}".format(m["mckit_average"] / m["mergekit_average"]))
     print("max |mckit - mergekit| on sample tensors: TIES {:.3g}, average {:.3g}".format(
         diffs["ties"], diffs["average"]))

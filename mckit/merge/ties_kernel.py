@@ -148,7 +148,8 @@ def ties_block(theta_0: np.ndarray, thetas: Sequence[np.ndarray], thresholds: Se
         np.add(denominator, flag, out=denominator)
     np.multiply(numerator, gamma, out=numerator)
     np.divide(numerator, denominator, out=numerator)
-    np.multiply(numerator, np.float32(lam), out=numerator)
+    if lam != 1.0:
+        np.multiply(numerator, np.float32(lam), out=numerator)
     np.add(numerator, theta_0, out=out)
 
 

@@ -245,7 +245,7 @@ RULES: dict[str, Callable] = {
     "OUT": _optional_text,
     "BASE": _optional_text,
     "SOURCES": _sources,
-    "METHOD": _choice(tuple(METHODS)),
+    "METHOD": _choice((*METHODS, "mmer")),
     "LAMBDA": _strength,
     "MCUB_DIR": _optional_dir,
     "SPLIT": _choice(REAL_SPLITS),
