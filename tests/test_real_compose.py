@@ -18,8 +18,9 @@ from mckit.models.real_llm import read_llm_state
 def llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("compose")
     base = build_base("llava", root / "vicuna")
-    return {"root": root, "base": (root / "vicuna", base), "llava": (root / "llava", build("llava", root / "llava", 1)),
-            "video_llava": (root / "video_llava", build("video_llava", root / "video_llava", 2))}
+    return {"root": root, "base": (root / "vicuna", base),
+            "llava": (root / "llava", build("llava", root / "llava", 1, base)),
+            "video_llava": (root / "video_llava", build("video_llava", root / "video_llava", 2, base))}
 
 
 def test_streamed_merge_of_real_layouts_equals_the_in_memory_merge(llama, tmp_path):
@@ -65,8 +66,11 @@ def test_one_source_composed_alone_answers_like_its_native_model(llama, tmp_path
 
 def test_bad_compositions_are_named_and_write_nothing(llama, tmp_path):
     qwen = build("qwen2_audio", llama["root"] / "qwen2_audio")
+    build("llava", llama["root"] / "unrelated", 7)          # a LLaVA on a vicuna of its own (same shapes)
     assert qwen is not None
     cases = [([str(llama["root"] / "qwen2_audio")], "qwen2_audio: its language model differs"),
+             ([str(llama["root"] / "unrelated")], r"unrelated is not a fine-tune of the base: its "
+              r"model.layers.0.\S+ lies at a relative distance of 1.4\d"),
              ([f"{llama['llava'][0]}:image", f"{llama['video_llava'][0]}:image"], "image is given by both"),
              ([f"{llama['llava'][0]}:audio"], "gives no audio branch"),
              ([str(llama["llava"][0]), str(llama["llava"][0])], "same checkpoint")]
@@ -141,8 +145,8 @@ def test_audio_sources_compose_over_a_qwen_base_and_evaluate_wav_files(tmp_path)
     from mckit.eval.mcub_reader import load_split
     from mckit.eval.real import evaluate_real
 
-    build_base("audioflamingo3", tmp_path / "qwen")
-    build("audioflamingo3", tmp_path / "af3", 1)
+    base = build_base("audioflamingo3", tmp_path / "qwen")
+    build("audioflamingo3", tmp_path / "af3", 1, base)
     save_whisper_extractor(tmp_path / "af3")
     out = compose_checkpoints("average", tmp_path / "qwen", [str(tmp_path / "af3")], tmp_path / "composed",
                               progress=False)
@@ -171,8 +175,8 @@ def test_a_qwen_vl_source_over_a_plain_qwen2_base_keeps_its_3d_positions(tmp_pat
     from mckit.models.adapters import MRoPEAdapter
     from mckit.models.real_llm import MRoPECausalLM
 
-    build_base("qwen2_5_vl", tmp_path / "qwen")
-    build("qwen2_5_vl", tmp_path / "vl", 1)
+    base = build_base("qwen2_5_vl", tmp_path / "qwen")
+    build("qwen2_5_vl", tmp_path / "vl", 1, base)
     out = compose_checkpoints("ties", tmp_path / "qwen", [str(tmp_path / "vl")], tmp_path / "composed",
                               progress=False)
     model = load_composed(out, size=56, tokenizer=word_tokenizer())   # AutoTokenizer would read it as Qwen2's BPE

@@ -21,8 +21,8 @@ from mckit.models.routing import RoutedLinear
 def llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("mmer")
     base = build_base("llava", root / "vicuna")
-    build("llava", root / "llava", 1)
-    build("video_llava", root / "video_llava", 2)
+    build("llava", root / "llava", 1, base)
+    build("video_llava", root / "video_llava", 2, base)
     out = root / "composed"
     rc = main(["compose", "--method", "mmer", "--base", str(root / "vicuna"), "--sources", str(root / "llava"),
                f"{root / 'video_llava'}:video", "--out", str(out), "--keep", "0.5", "--lam", "0.8", "--quiet"])
@@ -30,7 +30,7 @@ def llama(tmp_path_factory):
     base_sd = base.state_dict()
     taus = {m: {n: t - base_sd[n] for n, t in read_llm_state(root / k).items() if n.endswith("proj.weight")}
             for m, k in (("image", "llava"), ("video", "video_llava"))}
-    return {"root": root, "out": out, "base": base_sd, "want": build_masks(taus, keep=0.5, lam=0.8)}
+    return {"root": root, "out": out, "base": base_sd, "base_llm": base, "want": build_masks(taus, keep=0.5, lam=0.8)}
 
 
 def _stored(out):
@@ -87,7 +87,7 @@ def test_one_source_kept_whole_gives_its_native_model_back(llama, tmp_path):
     out = compose_checkpoints("mmer", tmp_path / "own", [f"{root / 'llava'}:image"], tmp_path / "one",
                               progress=False, keep=1.0)
     model = load_composed(out)
-    native = build("llava", tmp_path / "native", 1)
+    native = build("llava", tmp_path / "native", 1, llama["base_llm"])
     torch.manual_seed(3)
     x = torch.randn(1, *model.branches["image"].input_shape)
     with torch.no_grad():

@@ -31,8 +31,8 @@ import torch
 from safetensors.torch import save_file
 
 from mckit.compose.mmer_files import MASK_FILE, mmer_options, route_mmer, write_mmer
-from mckit.merge.checks import MergeError, check_distinct, prepare_out
-from mckit.merge.engine import merge_views
+from mckit.merge.checks import MergeError, check_distinct, check_fine_tunes, merged_names, prepare_out
+from mckit.merge.engine import DEFAULT_INCLUDE, merge_views
 from mckit.models.families import (
     ARCHITECTURES,
     FAMILIES,
@@ -111,6 +111,7 @@ def compose_checkpoints(method: str, base: str | Path, sources: list[str], out: 
     check_same_text_base({str(p): read_config(p) for p in (base, *paths)})
     branches = plan_branches(parsed)
     views = [llm_view(p) for p in (base, *paths)]
+    check_fine_tunes(views[0], views[1:], merged_names(views[0].names, DEFAULT_INCLUDE), [str(p) for p in paths])
     mrope = [v.config() for p, v in zip(paths, views[1:]) if family_of(read_config(p), p).positions == "mrope"]
     text = mrope[0] if mrope else views[0].config()       # a plain Qwen2 base: its sources' 3-D rotary config
     given = {p: [m for m, q in branches.items() if q == p] for p in paths}

@@ -6,6 +6,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from mckit.storage.atomic import check_replaceable
 from mckit.storage.tensorfiles import Checkpoint, TensorFileError
 
@@ -76,3 +78,33 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint(path)
     except TensorFileError as err:
         raise MergeError(str(err)) from None
+
+
+#: Largest relative distance ||theta_i - theta_0|| / ||theta_0|| of a fine-tune from its base that the checks
+#: accept: fine-tunes move their weights by a few percent, two separately pre-trained models of one shape by
+#: about sqrt(2) (independent weights of equal norm).
+FINE_TUNE_LIMIT = 0.5
+
+
+def relative_distance(base, expert, name: str, size: int = 1 << 20) -> float:
+    """||theta_i - theta_0|| / ||theta_0|| of tensor ``name`` over an evenly strided sample of about ``size``
+    entries (float64), read through memory maps."""
+    flat_0, flat_i = base.array(name).reshape(-1), expert.array(name).reshape(-1)
+    step = max(1, flat_0.size // size)
+    theta_0 = flat_0[::step].astype(np.float64)
+    norm = float(np.linalg.norm(theta_0))
+    return float(np.linalg.norm(flat_i[::step].astype(np.float64) - theta_0)) / norm if norm else 0.0
+
+
+def check_fine_tunes(base, experts: Sequence, merged: Sequence[str], labels: Sequence[str],
+                     limit: float = FINE_TUNE_LIMIT) -> None:
+    """Each expert must be a fine-tune of the base: on the first and the last merged tensor its relative distance
+    (:func:`relative_distance`) stays under ``limit``; otherwise a ``MergeError`` names the expert, the tensor
+    and the distance (same shapes do not make the same base: Qwen2-7B and Qwen2.5-7B share every shape)."""
+    for expert, label in zip(experts, labels):
+        for name in dict.fromkeys((merged[0], merged[-1])):
+            distance = relative_distance(base, expert, name)
+            if not distance < limit:
+                raise MergeError(f"{label} is not a fine-tune of the base: its {name} lies at a relative distance "
+                                 f"of {distance:.2f} from the base's (fine-tunes stay under {limit}); compose "
+                                 "sources built on this very base")

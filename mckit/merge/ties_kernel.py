@@ -16,9 +16,14 @@ tests check the streamed merge against the in-memory one.
 How t_i is found without holding |tau_i|: a sample of :data:`SAMPLE_CHUNKS` chunks spread over the
 tensor gives a bracket [lo, hi] around the (1 - keep) quantile, wide enough (:data:`SIGMAS` binomial
 standard deviations of the sample's rank) that the true k-th value falls inside it but for freak
-layouts; one streamed pass counts the entries above ``hi`` and keeps the few inside the bracket, and
+layouts; a streamed pass counts the entries above ``hi`` and keeps the few inside the bracket, and
 the k-th largest is picked among those exactly. If the count shows the bracket missed, the threshold
 is computed from the whole |tau_i| (one tensor in memory): exact either way.
+
+:func:`streamed_ties` (the engine's TIES) does the counting inside the merge itself, so it reads the
+inputs once: it trims with each bracket's lower end, then merges again only the positions where some
+entry fell inside its bracket (:class:`Pending`, :func:`_fix_up`). :func:`tensor_thresholds` (MMER over
+checkpoints) counts in a pass of its own.
 """
 
 from __future__ import annotations
@@ -32,13 +37,13 @@ import numpy as np
 from mckit.merge.linear_kernel import BLOCK, all_finite, as_float32, map_blocks, read_float32, scratch
 from mckit.storage.tensorfiles import DTYPES, BlockReader
 
-#: Chunks of :data:`CHUNK` contiguous entries read to place the bracket (one preadv-sized read each).
+#: Chunks of :data:`CHUNK` contiguous entries read (memory-mapped) to place the bracket.
 SAMPLE_CHUNKS = 128
 CHUNK = 1024
 #: Half-width of the bracket in binomial standard deviations of the sampled rank (plus a few ranks).
 SIGMAS = 6.0
 #: Entries per call of :func:`ties_block` (each read block is cut into these): its eight float32 buffers
-#: then stay in the CPU's cache (2^16: 17.6 ns per entry for 3 experts here, against 26.4 at 2^18).
+#: then stay in the CPU's cache (2^16: 17.6 ns per entry for 3 experts on one core, against 26.4 at 2^18).
 SUB = 1 << 16
 
 

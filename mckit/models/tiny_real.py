@@ -97,10 +97,21 @@ LLAMA_BASED = ("llava", "video_llava", "llava_next_video")
 QWEN25_BASED = ("qwen2_5_vl", "qwen2_5_omni_thinker", "audioflamingo3")
 
 
-def build(kind: str, out: Path, seed: int = 0):
-    """Save a tiny random ``kind`` model to ``out`` (its real on-disk layout) and return the model."""
+def build(kind: str, out: Path, seed: int = 0, base: torch.nn.Module | None = None):
+    """Save a tiny random ``kind`` model to ``out`` (its real on-disk layout) and return the model. ``base``: a
+    causal LM of :func:`build_base`; the model's language model is then a fine-tune of it, theta_0 + N(0, (0.05
+    std(theta_0))^2) per tensor (towers and projectors stay random), as the sources of a composition are."""
+    from mckit.models.families import family_of, llm_name
+
     torch.manual_seed(seed)
     model = BUILDERS[kind]().eval()
+    if base is not None:
+        family, start = family_of(model.config.to_dict()), base.state_dict()
+        with torch.no_grad():
+            for name, param in model.state_dict().items():
+                theta_0 = start.get(llm_name(family, name) or "")
+                if theta_0 is not None and theta_0.shape == param.shape:
+                    param.copy_(theta_0 + 0.05 * float(theta_0.float().std()) * torch.randn_like(theta_0))
     model.save_pretrained(out)
     return model
 
@@ -149,9 +160,9 @@ def write_demo(root: Path) -> dict:
     """A base language model and two sources built on it (a LLaVA for images, a Video-LLaVA for videos), tiny and
     random, with their tokenizer and image processors: ``{"base": path, "sources": ["DIR:image", "DIR:video"]}``."""
     root = Path(root)
-    build_base("llava", root / "base")
+    base = build_base("llava", root / "base")
     for seed, (kind, mod) in enumerate((("llava", "image"), ("video_llava", "video")), start=1):
-        build(kind, root / kind, seed)
+        build(kind, root / kind, seed, base)
         save_clip_processor(root / kind)
     return {"base": root / "base", "sources": [f"{root / 'llava'}:image", f"{root / 'video_llava'}:video"]}
 

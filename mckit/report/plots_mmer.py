@@ -63,12 +63,12 @@ def plot_densities(frame: pd.DataFrame) -> plt.Figure:
 def plot_sensitivity(frame: pd.DataFrame) -> plt.Figure:
     """The paper's sweep as two heatmaps over K (rows) and lambda * 50% (columns): MMER's expansion on MCUB-4 and
     its retention (:func:`mckit.experiments.mmer.mmer_sensitivity`)."""
-    import seaborn as sns
+    from mckit.report.plots import heatmap
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     for ax, metric in zip(axes, ("expansion", "retention")):
         table = frame.pivot_table(index="keep", columns="threshold_pct", values=metric)
-        sns.heatmap(table, annot=True, fmt=".3f", cmap="mako", ax=ax, cbar=False)
+        heatmap(table, ax, fmt=".3f", fontsize=10, cmap="mako", cbar=False)
         ax.set_title(f"{metric} ({'MCUB-4, option score' if metric == 'expansion' else 'Eq. 8, own tasks'})")
         ax.set_xlabel("lambda * 50% (%)")
         ax.set_ylabel("K (share kept by TIES)")
