@@ -121,6 +121,7 @@ NOTEBOOK_FULL = {
     "modality_table": lambda p: {"variant": p["MODALITY_VARIANT"], "n_val": p["N_MODALITY_VAL_FULL"],
                                  "n_test": p["N_MODALITY_FULL"]},
     "mcub_results": lambda p: {"variant": p["VARIANT"], "n": p["N_FULL"], "splits": list(cached.SPLITS)},
+    "mcub_seeds": lambda p: {"variant": p["VARIANT"], "n": p["N_FULL"]},
     "damc_results": lambda p: {"n": p["N_FULL"], "n_tune": p["N_TUNE_FULL"], "splits": p["SPLITS"]},
     "damc_single": lambda p: {"n": None},        # notebook 03 computes every single-modality item in full mode
     "damc_seeds": lambda p: {"n": None},

@@ -58,6 +58,8 @@ EXPERIMENTS: dict[str, Experiment] = {
                                  ("world_dir", "bench_dir"), "05_merging_zoo"),
     "mcub_results": Experiment(composition.mcub_results, {"variant": "lora", "n": None, "splits": list(SPLITS)},
                                ("world_dir", "bench_dir"), "06_mcub"),
+    "mcub_seeds": Experiment(composition.seed_records, {"variant": "lora", "n": None}, ("world_dir", "bench_dir"),
+                             "06_mcub"),
     "damc_results": Experiment(damc.damc_results, {"n": None, "n_tune": None, "splits": list(SPLITS)},
                                ("world_dir", "bench_dir"), "03_damc"),
     "damc_single": Experiment(damc.damc_single, {"n": None}, ("world_dir", "bench_dir"), "03_damc"),

@@ -46,7 +46,7 @@ from mckit.eval.protocols import (
     generated_answers,
 )
 from mckit.models.mllm import MLLM
-from mckit.models.shipped import DECOUPLED, load_base, load_model
+from mckit.models.shipped import DECOUPLED, load_base, load_model, replica_seeds
 from mckit.world.entities import FAMILIES
 from mckit.world.tasks import NATIVE_FAMILY
 
@@ -335,6 +335,20 @@ def seed_table(seeds: Iterable[int], split: str = "MCUB-4", n: int | None = None
                 bar.update()
             rows[-1]["gap_points"] = 100 * (accs["naivemc"] - max(v for k, v in accs.items() if k != "naivemc"))
     return pd.DataFrame(rows)
+
+
+def seed_frame(records: list[dict]) -> pd.DataFrame:
+    """:func:`seed_records`' rows as :func:`seed_table`'s frame."""
+    return pd.DataFrame(records)
+
+
+def seed_records(variant: str = "lora", n: int | None = None, world_dir: str | Path | None = None,
+                 bench_dir: str | Path | None = None) -> list[dict]:
+    """:func:`seed_table` on MCUB-4 for every training seed the world holds a full set of ``variant`` models
+    for (:func:`mckit.models.shipped.replica_seeds`), as rows (what the store keeps)."""
+    seeds = replica_seeds(variant, world_dir)
+    rows = seed_table(seeds, "MCUB-4", n, variant, world_dir, bench_dir).to_dict(orient="records")
+    return [{k: v for k, v in row.items() if v == v} for row in rows]       # no NaN: plain JSON
 
 
 def retention(single: dict[str, dict[str, dict]], system: str, original: str = "original") -> float:
