@@ -117,8 +117,8 @@ def heatmap(grid: pd.DataFrame, ax, fmt: str = ".2f", fontsize: float = 7, cmap:
             vmin: float | None = None, vmax: float | None = None, cbar: bool = True) -> None:
     """A heatmap of ``grid`` (rows top to bottom, its index and columns as tick labels) with each cell's value
     written on it, dark on light cells and white on dark ones (seaborn's rule). Drawn with matplotlib alone:
-    ``sns.heatmap`` draws the whole figure once per call to check its tick labels, so 16 heatmaps in one
-    figure took 19 s to build here."""
+    ``sns.heatmap`` draws the whole figure once per call to check its tick labels, so notebook 02's 16
+    heatmaps in one figure took 10.6 s to build here, against 1.2 s this way."""
     values = grid.to_numpy(dtype=float)
     colours = sns.color_palette(cmap, as_cmap=True)
     mesh = ax.pcolormesh(values, cmap=colours, vmin=vmin, vmax=vmax)
