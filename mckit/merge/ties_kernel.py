@@ -41,7 +41,7 @@ from mckit.storage.tensorfiles import DTYPES, BlockReader
 SAMPLE_CHUNKS = 128
 CHUNK = 1024
 #: Half-width of the bracket in binomial standard deviations of the sampled rank (plus a few ranks).
-SIGMAS = 6.0
+SIGMAS = 4.0
 #: Entries per call of :func:`ties_block` (each read block is cut into these): its eight float32 buffers
 #: then stay in the CPU's cache (2^16: 17.6 ns per entry for 3 experts on one core, against 26.4 at 2^18).
 SUB = 1 << 16
@@ -229,13 +229,13 @@ def tensor_thresholds(reader: BlockReader, base, experts: Sequence, name: str, k
 
 class Pending:
     """What one worker's blocks leave for the fix-up of a one-pass TIES, merged with each expert's provisional
-    threshold at its bracket's lower end: per expert the entries above its bracket and those inside it, and
-    the positions where any expert's entry lies inside its bracket, with every input there ((1 + n, m)
-    float32: theta_0, then each expert)."""
+    threshold at its bracket's lower end: per expert the count of entries above its bracket, and the positions
+    where any expert's entry lies inside its bracket, with every input there ((1 + n, m) float32: theta_0,
+    then each expert), from which each expert's entries inside its bracket are read again."""
 
     def __init__(self, brackets):
         self.brackets = brackets
-        self.above, self.inside = [0] * len(brackets), [[] for _ in brackets]
+        self.above = [0] * len(brackets)
         self.index: list[np.ndarray] = []
         self.inputs: list[np.ndarray] = []
         self.uncertain = np.empty(0, bool)
@@ -245,11 +245,10 @@ class Pending:
 
     def note(self, i: int, magnitudes: np.ndarray, kept: np.ndarray) -> None:
         """Expert i's |tau_i| in this piece and ``kept`` = [|tau_i| >= lo_i] (its provisional trim)."""
-        inside = magnitudes <= np.float32(self.brackets[i][1])
-        inside &= kept
-        self.above[i] += int(np.count_nonzero(kept)) - int(np.count_nonzero(inside))
-        self.inside[i].append(magnitudes[inside])
-        self.uncertain |= inside
+        above = magnitudes > np.float32(self.brackets[i][1])
+        self.above[i] += int(np.count_nonzero(above))
+        np.logical_xor(kept, above, out=above)            # lo_i <= |tau_i| <= hi_i
+        self.uncertain |= above
 
     def end(self, theta_0: np.ndarray, thetas: Sequence[np.ndarray], offset: int) -> None:
         """Keep the inputs at this piece's uncertain positions (entries ``offset ..``)."""
@@ -310,23 +309,25 @@ def streamed_ties(reader: BlockReader, base, experts: Sequence, name: str, optio
     brackets = [bracket(s, keep) for s in _sample(base, experts, name)]
     parts = run([lo for lo, _ in brackets], brackets)
     pending = [p for _, p in parts]
+    index = np.concatenate([np.empty(0, np.int64)] + [i for p in pending for i in p.index])
+    inputs = np.concatenate([np.empty((n + 1, 0), np.float32)] + [x for p in pending for x in p.inputs], axis=1)
     exact = []
     for i, (lo, hi) in enumerate(brackets):
-        t = threshold_in_bracket(k, sum(p.above[i] for p in pending), [a for p in pending for a in p.inside[i]])
+        magnitudes = np.abs(inputs[1 + i] - inputs[0])
+        inside = magnitudes[(magnitudes >= np.float32(lo)) & (magnitudes <= np.float32(hi))]
+        t = threshold_in_bracket(k, sum(p.above[i] for p in pending), [inside])
         exact.append(t if t is not None and lo <= t <= hi else None)
     if None in exact:
         exact = [_whole(base, experts, name, i, k) if t is None else t for i, t in enumerate(exact)]
         return all(finite for finite, _ in run(exact, again=True))
-    return _fix_up(writer, name, pending, exact, options, base.info(name).code) and all(f for f, _ in parts)
+    return _fix_up(writer, name, index, inputs, exact, options, base.info(name).code) and all(f for f, _ in parts)
 
 
-def _fix_up(writer, name: str, pending: Sequence[Pending], thresholds: Sequence[float], options: dict,
+def _fix_up(writer, name: str, index: np.ndarray, inputs: np.ndarray, thresholds: Sequence[float], options: dict,
             code: str) -> bool:
-    """Merge again, with the exact thresholds, every position an observation kept, and rewrite it."""
-    if not any(p.index for p in pending):
+    """Merge again, with the exact thresholds, the positions ``index`` (inputs ``inputs``), and rewrite them."""
+    if not index.size:
         return True
-    index = np.concatenate([i for p in pending for i in p.index])
-    inputs = np.concatenate([x for p in pending for x in p.inputs], axis=1)
     n = len(inputs) - 1
     weights = options.get("weights") or [1.0] * n
     out, work = np.empty(index.size, np.float32), _work(n)
