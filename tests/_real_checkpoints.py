@@ -13,3 +13,18 @@ from mckit.models.tiny_real import (  # noqa: F401
     save_whisper_extractor,
     word_tokenizer,
 )
+
+
+def evaluate_twice(folder, root):
+    """A real-layout MCUB set written under ``root`` (3 MCUB-4 items) and the composed ``folder``'s results on
+    it, batched (3 a batch) and one by one: ``(items, batched, alone)``."""
+    from mckit.compose.checkpoints import composed_preprocessors, load_composed
+    from mckit.eval.mcub_reader import load_split
+    from mckit.eval.real import evaluate_real
+
+    write_mcub(root)
+    items = load_split(root / "MCUB-4.json", root / "MCUB-answer.json", root)
+    model, preprocess = load_composed(folder), composed_preprocessors(folder)
+    batched = evaluate_real(model, items, preprocess, batch_size=3, max_new_tokens=3, progress=False)
+    alone = evaluate_real(model, items, preprocess, batch_size=1, max_new_tokens=3, progress=False)
+    return items, batched, alone

@@ -105,21 +105,13 @@ def test_merge_command_on_real_qwen_layouts_merges_the_llm_and_copies_the_vision
 
 
 def test_a_real_layout_mcub_set_evaluates_end_to_end_and_batches_like_one_by_one(llama, tmp_path):
-    from _real_checkpoints import save_clip_processor, write_mcub
-
-    from mckit.compose.checkpoints import composed_preprocessors
-    from mckit.eval.mcub_reader import load_split
-    from mckit.eval.real import evaluate_real
+    from _real_checkpoints import evaluate_twice, save_clip_processor
 
     for kind in ("llava", "video_llava"):
         save_clip_processor(llama[kind][0])
     out = compose_checkpoints("task_arithmetic", llama["base"][0], [f"{llama['llava'][0]}:image",
                               f"{llama['video_llava'][0]}:video"], tmp_path / "av", progress=False, lam=0.5)
-    write_mcub(tmp_path / "mcub")
-    items = load_split(tmp_path / "mcub" / "MCUB-4.json", tmp_path / "mcub" / "MCUB-answer.json", tmp_path / "mcub")
-    model, preprocess = load_composed(out), composed_preprocessors(out)
-    batched = evaluate_real(model, items, preprocess, batch_size=3, max_new_tokens=3, progress=False)
-    alone = evaluate_real(model, items, preprocess, batch_size=1, max_new_tokens=3, progress=False)
+    items, batched, alone = evaluate_twice(out, tmp_path / "mcub")
     assert batched["n"] == 3 and batched["answers"] == alone["answers"]
     assert batched["acc"] == sum(a[:1] == it.answer for a, it in zip(batched["answers"], items)) / 3
     assert [it.answer for it in items] == ["A", "B", "C"]

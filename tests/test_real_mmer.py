@@ -122,20 +122,12 @@ def test_masks_take_one_bit_per_entry(llama):
 
 def test_a_routed_mmer_model_evaluates_real_mcub_files_and_batches_like_one_by_one(llama, tmp_path):
     """Routes follow each item's inputs through batched greedy decoding (padding, several modalities a prompt)."""
-    from _real_checkpoints import save_clip_processor, write_mcub
-
-    from mckit.compose.checkpoints import composed_preprocessors
-    from mckit.eval.mcub_reader import load_split
-    from mckit.eval.real import evaluate_real
+    from _real_checkpoints import evaluate_twice, save_clip_processor
 
     root = llama["root"]
     for kind in ("llava", "video_llava"):
         save_clip_processor(root / kind)
     out = compose_checkpoints("mmer", root / "vicuna", [f"{root / 'llava'}:image", f"{root / 'video_llava'}:video"],
                               tmp_path / "mmer", progress=False)
-    write_mcub(tmp_path / "mcub")
-    items = load_split(tmp_path / "mcub" / "MCUB-4.json", tmp_path / "mcub" / "MCUB-answer.json", tmp_path / "mcub")
-    model, preprocess = load_composed(out), composed_preprocessors(out)
-    batched = evaluate_real(model, items, preprocess, batch_size=3, max_new_tokens=3, progress=False)
-    alone = evaluate_real(model, items, preprocess, batch_size=1, max_new_tokens=3, progress=False)
+    _, batched, alone = evaluate_twice(out, tmp_path / "mcub")
     assert batched["n"] == 3 and batched["answers"] == alone["answers"]

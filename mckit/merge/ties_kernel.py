@@ -72,11 +72,11 @@ def bracket(sample: np.ndarray, keep: float) -> tuple[float, float]:
     return lo, hi
 
 
-def count_block(magnitudes: np.ndarray, lo: float, hi: float) -> tuple[int, np.ndarray, np.ndarray]:
-    """(entries above ``hi``, the entries inside [lo, hi], where they are) of one block of |tau_i|."""
+def count_block(magnitudes: np.ndarray, lo: float, hi: float) -> tuple[int, np.ndarray]:
+    """(entries above ``hi``, the entries inside [lo, hi]) of one block of |tau_i|."""
     inside = magnitudes >= lo
     inside &= magnitudes <= hi
-    return int(np.count_nonzero(magnitudes > hi)), magnitudes[inside], inside
+    return int(np.count_nonzero(magnitudes > hi)), magnitudes[inside]
 
 
 def threshold_in_bracket(k: int, above: int, inside: Sequence[np.ndarray]) -> float | None:
@@ -214,7 +214,7 @@ def tensor_thresholds(reader: BlockReader, base, experts: Sequence, name: str, k
                 for s, e in sub_blocks(size):
                     part = tmp[:e - s]
                     np.subtract(theta[s:e], theta_0[s:e], out=part)
-                    above, inside, _ = count_block(np.abs(part, out=part), *brackets[i])
+                    above, inside = count_block(np.abs(part, out=part), *brackets[i])
                     found[i][0] += above
                     found[i][1].append(inside)
         return found
