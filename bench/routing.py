@@ -4,7 +4,7 @@
 
 On one input (the first ``--batch`` MCUB-4 test prompts of the shipped toy
 world, each with its four inputs, as the letter protocol batches them) it
-times three composed 4-modality models:
+times four forward passes of composed 4-modality models:
 
 - plain:  one weight for every token, no routing (one matmul per linear): NaiveMC,
   theta_0 + mean_i tau_i, over the LoRA models (``--system damc``: theta_0 + the
@@ -14,12 +14,15 @@ times three composed 4-modality models:
   own model's (:func:`mckit.compose.routed.modality_routed`); ``damc``: DAMC over the
   decoupled models (:func:`mckit.compose.damc.damc`, 11 positions per input); ``mmer``: MMER's
   expansion (:func:`mckit.compose.mmer.expand`: W0 + m_i tau* per modality, the mean mask for text).
-  RoutedLinear groups the tokens of each route and runs each group once;
+  grouped: each route's weight W + dW_r formed once, rows sorted by route, one matmul per
+  route, the MLP grouped as a whole (:mod:`mckit.models.routing`);
+- additive: the same routed model run the other way: the shared weight over every token, then
+  each route's delta over its own tokens (``RouteState.grouped = False``);
 - naive:  the same routed model, but every route's delta runs over the whole
   sequence and is then masked (:func:`mckit.models.routing.naive_routed_forward`).
 
-The three are timed in turn, ``--repeat`` rounds, after a warm-up; medians are
-reported. It also checks that the routed and naive forwards agree. The last
+The four are timed in turn, ``--repeat`` rounds, after a warm-up; medians are
+reported. It also checks that the routed, additive and naive forwards agree. The last
 line is ``routed/plain = X.XX`` (goal: <= 1.25).
 """
 
@@ -78,31 +81,35 @@ def main() -> None:
     naive_forward = lambda layer, x: naive_routed_forward(layer, x)  # noqa: E731
     fast_forward = RoutedLinear.forward
 
-    def run(model, forward=fast_forward):
-        RoutedLinear.forward = forward
+    def run(model, forward=fast_forward, grouped=True):
+        RoutedLinear.forward, model.route_state.grouped = forward, grouped
         try:
             with torch.no_grad():
                 start = time.perf_counter()
                 logits = model(batch).logits
                 return time.perf_counter() - start, logits
         finally:
-            RoutedLinear.forward = fast_forward
+            RoutedLinear.forward, model.route_state.grouped = fast_forward, True
 
-    _, routed_logits = run(routed)
-    _, naive_logits = run(routed, naive_forward)
-    agree = torch.allclose(routed_logits, naive_logits, atol=1e-4, rtol=1e-4)
-    print(f"routed and naive logits agree: {agree} (max |diff| {float((routed_logits - naive_logits).abs().max()):.2e})")
-    times: dict[str, list[float]] = {"plain": [], "routed": [], "naive": []}
+    ways = {"plain": lambda: run(plain), "routed": lambda: run(routed),
+            "additive": lambda: run(routed, grouped=False), "naive": lambda: run(routed, naive_forward, False)}
+    logits = {name: way()[1] for name, way in ways.items() if name != "plain"}
+    for name in ("additive", "naive"):
+        diff = float((logits["routed"] - logits[name]).abs().max())
+        agree = torch.allclose(logits["routed"], logits[name], atol=1e-4, rtol=1e-4)
+        print(f"routed and {name} logits agree: {agree} (max |diff| {diff:.2e})")
+    times: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(3):
-        run(plain), run(routed), run(routed, naive_forward)
+        for way in ways.values():
+            way()
     for _ in range(args.repeat):
-        times["plain"].append(run(plain)[0])
-        times["routed"].append(run(routed)[0])
-        times["naive"].append(run(routed, naive_forward)[0])
+        for name, way in ways.items():
+            times[name].append(way()[0])
     median = {k: statistics.median(v) for k, v in times.items()}
     for name, value in median.items():
-        print(f"{name:>6}: {1000 * value:8.2f} ms (median of {args.repeat}; best {1000 * min(times[name]):.2f})")
+        print(f"{name:>8}: {1000 * value:8.2f} ms (median of {args.repeat}; best {1000 * min(times[name]):.2f})")
     print(f"naive/plain = {median['naive'] / median['plain']:.2f}")
+    print(f"additive/plain = {median['additive'] / median['plain']:.2f}")
     print(f"routed/plain = {median['routed'] / median['plain']:.2f}")
 
 

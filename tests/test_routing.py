@@ -162,3 +162,54 @@ def test_routed_composition_of_nothing_is_a_clear_error(tiny_mllm):
     for call in (lambda: modality_routed([], tiny_mllm.llm), lambda: routed_compose({}, tiny_mllm.llm, {})):
         with pytest.raises(ValueError, match="nothing to compose"):
             call()
+
+
+def _many_routed(world, model, copies=4):
+    """A batch where most rows lie on modality routes: every input of every modality, ``copies`` times."""
+    rng = np.random.default_rng(1)
+    mods = model.modalities
+    prompt = chat(" ".join(f"<{m}>" for m in mods for _ in range(copies)) + " ?")
+    inputs = {m: [render(m, world, world.entities[k + j], "high", rng) for j in range(copies)]
+              for k, m in enumerate(mods)}
+    return model.batch([prompt, prompt], [inputs, inputs])
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["few-routed", "most-routed"])
+def test_grouped_routing_equals_the_additive_and_naive_forwards(world, tiny_mllm, many):
+    """A merged routed model (each route's weight formed once): the grouped forward, its MLP run once per route
+    on that route's rows, gives the logits of the additive and the naive forwards; below the grouped share
+    the batch runs additively."""
+    from mckit.models.routing import GROUPED_SHARE
+
+    base = tiny_mllm.llm
+    sources = {m: MLLM(base, tiny_mllm.tokenizer, {m: b}) for m, b in tiny_mllm.branches.items()}
+    model = routed_compose(sources, base, {"text": _deltas(base, 0.1, 1),
+                                           **{m: _deltas(base, 0.3, 2 + i) for i, m in enumerate(sources)}})
+    batch = _many_routed(world, model) if many else _prompts(world, model)
+    state = model.route_state
+    seen = []
+    gate = model.llm.model.layers[0].mlp.gate_proj
+    gate.register_forward_pre_hook(lambda module, args: seen.append((state.single, args[0].shape[0])))
+    with torch.no_grad():
+        grouped = model(batch).logits
+        with state.active(batch.routes):
+            share = state.sorted().share
+        assert (share >= GROUPED_SHARE) == many
+        state.grouped = False
+        additive = model(batch).logits
+        original = RoutedLinear.forward
+        RoutedLinear.forward = naive_routed_forward
+        try:
+            naive = model(batch).logits
+        finally:
+            RoutedLinear.forward, state.grouped = original, True
+    torch.testing.assert_close(grouped, additive, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grouped, naive, atol=1e-5, rtol=1e-4)
+    first_run = seen[:len(set(batch.routes.flatten().tolist()))] if many else seen[:1]
+    if many:      # once per route, on that route's rows
+        counts = torch.unique(batch.routes, return_counts=True)
+        assert [(r, n) for r, n in first_run] == list(zip(*(t.tolist() for t in counts)))
+    else:
+        assert first_run[0][0] is None
+    assert "model.layers.0.mlp.gate_proj.weight" in model.llm.state_dict()      # names unchanged
+    assert not any(k.startswith("merged") or ".merged_" in k for k in model.llm.state_dict())

@@ -48,7 +48,7 @@ def routed_compose(models, base: torch.nn.Module, deltas: Mapping[str, Mapping[s
             diff = own.get(name, torch.zeros_like(ref)) - text.get(name, torch.zeros_like(ref))
             if diff.abs().max() > 0:
                 per_route.setdefault(route, {})[name.removesuffix(".weight")] = DenseDelta(diff.float())
-    route_linears(composed.llm, per_route, composed.route_state)
+    route_linears(composed.llm, per_route, composed.route_state, merge=True)
     return composed.eval()
 
 
