@@ -125,6 +125,7 @@ NOTEBOOK_FULL = {
     "damc_results": lambda p: {"n": p["N_FULL"], "n_tune": p["N_TUNE_FULL"], "splits": p["SPLITS"]},
     "damc_single": lambda p: {"n": None},        # notebook 03 computes every single-modality item in full mode
     "damc_seeds": lambda p: {"n": None},
+    "damc_by_count": lambda p: {"n": p["N_COUNT_FULL"]},
     "mmer_results": lambda p: {"n": p["N_FULL"], "n_tune": p["N_TUNE_FULL"], "splits": p["SPLITS"]},
     "mmer_single": lambda p: {"n": None},
     "mmer_sensitivity": lambda p: {"n": 200},

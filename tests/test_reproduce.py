@@ -84,7 +84,8 @@ def test_damc_section_has_every_protocol_the_lambdas_retention_conflict_and_seed
                                             "fallback": [0.3, 0.2, 0.25, 0.25]}}},
             "single": {"retention": {"naivemc": 0.78, "damc": 0.93, "decoupled_vs_lora": 0.97},
                        "conflict": {"image": {"original": shares, "naivemc": shares, "damc": shares}}},
-            "seeds": [{"seed": s, "system": name, "acc": 0.5 + s / 10} for s in (0, 1) for name in ("naivemc", "damc")]}
+            "seeds": [{"seed": s, "system": name, "acc": 0.5 + s / 10} for s in (0, 1) for name in ("naivemc", "damc")],
+            "by_count": {"option_score": {str(k): {"naivemc": r(0.8), "damc": r(0.7 + k / 100)} for k in (2, 3, 4)}}}
     text = "\n".join(sections.damc_section(part))
     assert "Protocol: `letter`" in text and "Protocol: `option_score`" in text
     assert "| damc | 0.700 [0.60, 0.80] |" in text
@@ -92,6 +93,7 @@ def test_damc_section_has_every_protocol_the_lambdas_retention_conflict_and_seed
     assert "| damc | 0.930 | the decoupled models |" in text
     assert "| image | original |" not in text and "| image | damc | 0.50 | 0.30 | 0.20 | 10 |" in text
     assert "| damc | 0.500 | 0.600 |" in text                   # seeds 0 and 1
+    assert "| ('option_score', 3, 'damc') | 0.730 | 0.630-0.830 | 40 |" in text
 
 
 def test_mmer_section_has_every_protocol_retention_beside_the_paper_the_sweep_forgetting_and_storage():

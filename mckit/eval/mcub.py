@@ -20,6 +20,7 @@ Reading (:func:`load_split`, :class:`MCUBItem`, :class:`MCUBError`, ...) lives i
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import re
 from pathlib import Path
@@ -85,8 +86,10 @@ def mcub_examples(world: World, modalities: tuple[str, ...], n: int, part: str, 
     Gold letters and shared families are balanced: every run of 16 items holds each
     (family, letter) pair once, so no prior over either beats chance.
     """
-    rng = np.random.default_rng([seed, len(modalities), sum(MODALITIES.index(m) for m in modalities),
-                                 list(RENDERS).index(part), 61])
+    key = [seed, len(modalities), sum(MODALITIES.index(m) for m in modalities), list(RENDERS).index(part), 61]
+    if len(modalities) == 2:        # image + point and audio + video share an index sum
+        key.append(min(MODALITIES.index(m) for m in modalities))
+    rng = np.random.default_rng(key)
     out = []
     for i in range(n):
         order = [modalities[j] for j in rng.permutation(len(modalities))]
@@ -147,6 +150,27 @@ def build_benchmark(out: str | Path, world: World, n_test: int = 400, n_val: int
             counts[f"single/{mod}/test"] = n_single
         _write_media(tmp, world, media)
     return counts
+
+
+def subsets(k: int) -> dict[str, tuple[str, ...]]:
+    """Split name -> modalities of every ``k`` of the four modalities, named as MCUB names its subsets
+    (``MCUB-4``, ``MCUB-3-image-audio-video``, ...). MCUB has k = 4 and 3 (:data:`SPLITS`); the pairs
+    (``MCUB-2-image-audio``, ...) are the kit's, written on demand by :func:`write_test_splits`."""
+    if k == len(MODALITIES):
+        return {"MCUB-4": MODALITIES}
+    return {f"MCUB-{k}-" + "-".join(c): c for c in itertools.combinations(MODALITIES, k)}
+
+
+def write_test_splits(out: str | Path, world: World, splits: dict[str, tuple[str, ...]], n_test: int,
+                      seed: int = 0) -> None:
+    """The test part of each of ``splits`` (name -> modalities) and its media in a new folder ``out``, item for item
+    as :func:`build_benchmark` writes a split (:func:`load_benchmark` reads them with ``root=out``)."""
+    with atomic_dir(Path(out)) as tmp:
+        media: set[str] = set()
+        for split, mods in splits.items():
+            media |= _write_split(tmp / split, split, mcub_examples(world, mods, n_test, "test", seed), world, "test",
+                                  seed)
+        _write_media(tmp, world, media)
 
 
 def text_items(world: World, split: str, n: int, visible: int | None = None, part: str = "test",

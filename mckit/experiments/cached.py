@@ -64,6 +64,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                                ("world_dir", "bench_dir"), "03_damc"),
     "damc_single": Experiment(damc.damc_single, {"n": None}, ("world_dir", "bench_dir"), "03_damc"),
     "damc_seeds": Experiment(damc.damc_seeds, {"n": None}, ("world_dir", "bench_dir"), "03_damc"),
+    "damc_by_count": Experiment(damc.damc_by_count, {"n": None}, ("world_dir", "bench_dir"), "03_damc"),
     "mmer_results": Experiment(mmer.mmer_results, {"n": None, "n_tune": None, "splits": list(SPLITS)},
                                ("world_dir", "bench_dir"), "04_mmer"),
     "mmer_single": Experiment(mmer.mmer_single, {"n": None}, ("world_dir", "bench_dir"), "04_mmer"),

@@ -15,14 +15,15 @@ splits:
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from mckit.eval.mcub import SPLITS, load_benchmark
-from mckit.eval.protocols import OPTION_SCORE, PROTOCOLS, evaluate_items
+from mckit.eval.mcub import SPLITS, load_benchmark, subsets, write_test_splits
+from mckit.eval.protocols import NAMED_LETTER, OPTION_SCORE, PROTOCOLS, evaluate_items, wilson
 from mckit.experiments.composition import (
     Systems,
     _no_tick,
@@ -33,12 +34,15 @@ from mckit.experiments.composition import (
     single_answers,
     single_task_results,
 )
-from mckit.models.shipped import DECOUPLED, has_model, model_dir_name, replica_seeds, replicas_record
+from mckit.models.shipped import DECOUPLED, has_model, load_world, model_dir_name, replica_seeds, replicas_record
 
 #: The DAMC systems of the tables, in display order (NaiveMC is shown beside them).
 DAMC_SYSTEMS = ("damc", "damc_tuned", "damc_fallback", "damc_ties", "damc_inference_only")
 #: Values each modality's lambda may take in :func:`tune_lambdas`.
 LAMBDA_GRID = (0.1, 0.25, 0.5, 0.75, 1.0)
+#: Numbers of composed modalities of :func:`damc_by_count`, and the systems it compares.
+COUNTS = (2, 3, 4)
+COUNT_SYSTEMS = ("naivemc", "damc")
 
 
 def has_decoupled(modalities: Iterable[str], world_dir: str | Path | None = None, seed: int = 0) -> bool:
@@ -136,6 +140,60 @@ def damc_results(n: int | None = None, n_tune: int | None = None, splits: Iterab
     systems = Systems(variant, world_dir, seed=seed)
     return every_split(lambda split, tick: damc_split(systems, split, n, n_tune, bench_dir=bench_dir, tick=tick),
                        split_steps, splits, "DAMC on MCUB")
+
+
+def damc_by_count(n: int | None = None, variant: str = "lora", seed: int = 0, world_dir: str | Path | None = None,
+                  bench_dir: str | Path | None = None,
+                  protocols: tuple[str, ...] = (OPTION_SCORE, NAMED_LETTER)) -> dict:
+    """NaiveMC and DAMC (1/N) composed of 2, 3 and 4 modalities, on the first ``n`` test items (None: as many as
+    MCUB-4 has) of every MCUB-k split of each k: the shipped MCUB-3 and MCUB-4, and the six pairs, written for
+    the run into a temporary folder by the benchmark's own generator (:func:`mckit.eval.mcub.write_test_splits`).
+    ``protocols``: option scoring and the letter the reply names (the first character is never the letter on
+    this world: its models answer with the word first).
+
+    ``{"splits": {split: {"k": k, "results": {protocol: {system: result}}}},
+    "by_count": {protocol: {k: {system: {"acc", "ci95", "n"}}}}}``: each k pools the items of its splits.
+    """
+    systems = Systems(variant, world_dir, seed=seed)
+    n = n or len(load_benchmark("MCUB-4", "test", bench_dir))
+    splits = {split: (k, mods) for k in COUNTS for split, mods in subsets(k).items()}
+    with tempfile.TemporaryDirectory(prefix="mckit-mcub2-") as tmp:
+        pairs = Path(tmp) / "mcub"
+        write_test_splits(pairs, load_world(world_dir), subsets(2), n)
+
+        def run(split: str, tick: Callable[[str], None]) -> dict:
+            k, mods = splits[split]
+            test = load_benchmark(split, "test", pairs if k == 2 else bench_dir)[:n]
+            out: dict[str, dict] = {p: {} for p in protocols}
+            for name in COUNT_SYSTEMS:
+                model = systems.build(name, mods)
+                for protocol in protocols:
+                    out[protocol][name] = evaluate_items(model, test, protocol)
+                tick(name)
+            return {"k": k, "results": out}
+
+        per_split = every_split(run, lambda split: len(COUNT_SYSTEMS), splits, "NaiveMC and DAMC by modality count")
+    return {"splits": per_split, "by_count": pooled_by_count(per_split)}
+
+
+def pooled_by_count(per_split: dict) -> dict:
+    """:func:`damc_by_count`'s splits pooled per number of modalities: correct answers over items, Wilson CI."""
+    out: dict[str, dict] = {}
+    for split, part in per_split.items():
+        for protocol, table in part["results"].items():
+            for name, r in table.items():
+                cell = out.setdefault(protocol, {}).setdefault(str(part["k"]), {}).setdefault(name, [0, 0])
+                cell[0] += round(r["acc"] * r["n"])
+                cell[1] += r["n"]
+    return {p: {k: {name: {"acc": c / t, "ci95": list(wilson(c, t)), "n": t} for name, (c, t) in row.items()}
+                for k, row in by_k.items()} for p, by_k in out.items()}
+
+
+def count_frame(result: dict) -> pd.DataFrame:
+    """:func:`damc_by_count`'s splits as a long table: k, split, protocol, system, acc, n."""
+    return pd.DataFrame([{"k": part["k"], "split": split, "protocol": p, "system": name, "acc": r["acc"], "n": r["n"]}
+                         for split, part in result["splits"].items() for p, table in part["results"].items()
+                         for name, r in table.items()])
 
 
 def damc_frame(results: dict) -> pd.DataFrame:

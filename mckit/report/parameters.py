@@ -231,6 +231,8 @@ RULES: dict[str, Callable] = {
     "N_TUNE_SMOKE": _at_most_split("val"),
     "N_TUNE_FULL": _at_most_split("val", allow_none=True),
     "N_LIVE": _at_most_split("val", "MCUB-4"),
+    "N_COUNT_SMOKE": _at_most_split("test"),
+    "N_COUNT_FULL": _at_most_split("test", allow_none=True),
     "MASK_KEEP": _mask_keep,
     "MASK_LAMBDA": _mask_lambda,
     "MASK_WEIGHT": _mask_weight,

@@ -1,4 +1,5 @@
-"""DAMC's figures: the route of every position of a prompt, the lambda sweep, the live lambda explorer."""
+"""DAMC's figures: the route of every position of a prompt, the lambda sweep, the live lambda explorer, accuracy
+against the number of composed modalities."""
 
 from __future__ import annotations
 
@@ -68,5 +69,25 @@ def plot_live_lambdas(systems, modalities: tuple[str, ...], val: list, lams: lis
     right.bar(frame["system"], frame["acc"], yerr=err, capsize=3, color=["tab:red"] + ["tab:gray"] * len(references))
     right.set_ylim(0, 1)
     right.set_title(f"validation accuracy (option score, n={len(val)}, 95% CI)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_by_count(by_count: dict, protocol: str = OPTION_SCORE) -> plt.Figure:
+    """Accuracy (95% Wilson CI) of each system against the number of composed modalities, the items of every
+    split of that size pooled (:func:`mckit.experiments.damc.damc_by_count`'s ``by_count``)."""
+    table = by_count[protocol]
+    counts = sorted(table, key=int)
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for shift, name in zip((-0.04, 0.04, 0.0), next(iter(table.values()))):
+        acc = [table[k][name]["acc"] for k in counts]
+        err = [[a - table[k][name]["ci95"][0] for a, k in zip(acc, counts)],
+               [table[k][name]["ci95"][1] - a for a, k in zip(acc, counts)]]
+        ax.errorbar([int(k) + shift for k in counts], acc, yerr=err, marker="o", capsize=3, label=name)
+    ax.set_xticks([int(k) for k in counts])
+    ax.set_xlabel("modalities composed (every split of that size pooled)")
+    ax.set_ylabel(f"accuracy ({protocol})")
+    ax.set_title(", ".join(f"k={k}: n={next(iter(table[k].values()))['n']}" for k in counts), fontsize=9)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -116,6 +116,12 @@ def damc_section(part: dict) -> list[str]:
     if part.get("seeds"):
         seeds = pd.DataFrame(part["seeds"]).pivot_table(index="system", columns="seed", values="acc", sort=False)
         lines += ["", "MCUB-4 (option score) per training seed:", ""] + markdown(seeds, 3)
+    if part.get("by_count"):
+        rows = [{"protocol": p, "modalities": int(k), "system": name, "acc": r["acc"],
+                 "ci95": f"{r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}", "n": r["n"]}
+                for p, by_k in part["by_count"].items() for k, table in by_k.items() for name, r in table.items()]
+        lines += ["", "Composed of 2, 3 and 4 modalities (every split of that size pooled; the pairs are the kit's):",
+                  ""] + markdown(pd.DataFrame(rows).set_index(["protocol", "modalities", "system"]), 3)
     return lines + [""]
 
 
