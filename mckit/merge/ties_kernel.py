@@ -1,4 +1,4 @@
-"""TIES as a block kernel in numpy (no torch): the engine's streamed TIES, no whole-tensor temporaries.
+"""TIES as a block kernel (numpy and numba, no torch): the engine's streamed TIES, no whole-tensor temporaries.
 
 Per merged tensor, from the task vectors tau_i = theta_i - theta_0 of n experts:
 
@@ -42,8 +42,9 @@ SAMPLE_CHUNKS = 128
 CHUNK = 1024
 #: Half-width of the bracket in binomial standard deviations of the sampled rank (plus a few ranks).
 SIGMAS = 4.0
-#: Entries per call of :func:`ties_block` (each read block is cut into these): its eight float32 buffers
-#: then stay in the CPU's cache (2^16: 17.6 ns per entry for 3 experts on one core, against 26.4 at 2^18).
+#: Entries per call of :func:`ties_block` (each read block is cut into these): its float32 buffers then stay
+#: in the CPU's cache (measured with numpy's passes: 17.6 ns per entry for 3 experts on one core at 2^16,
+#: against 26.4 at 2^18).
 SUB = 1 << 16
 
 
@@ -92,70 +93,39 @@ def threshold_in_bracket(k: int, above: int, inside: Sequence[np.ndarray]) -> fl
 
 
 class TiesWork:
-    """One thread's buffers for :func:`ties_block`: n trimmed task vectors, four float32 temporaries, a boolean
-    and a uint8 one."""
+    """One thread's buffers for :func:`ties_block`: n trimmed task vectors and four float32 temporaries."""
 
     def __init__(self, n: int, size: int):
         self.trimmed = [np.empty(size, np.float32) for _ in range(n)]
         self.tmp, self.total, self.numerator, self.denominator = (np.empty(size, np.float32) for _ in range(4))
-        self.flag = np.empty(size, bool)
-        self.counts = np.empty(size, np.uint8)
 
     def view(self, count: int) -> "TiesWork":
         """The same buffers cut to ``count`` entries (the last block of a tensor is shorter)."""
         out = object.__new__(TiesWork)
         out.trimmed = [t[:count] for t in self.trimmed]
-        out.tmp, out.total, out.numerator, out.denominator, out.flag, out.counts = (
-            a[:count] for a in (self.tmp, self.total, self.numerator, self.denominator, self.flag, self.counts))
+        out.tmp, out.total, out.numerator, out.denominator = (
+            a[:count] for a in (self.tmp, self.total, self.numerator, self.denominator))
         return out
 
 
+_NO_HI = np.empty(0, np.float32)
+_NO_FLAGS = np.empty(0, bool)
+
+
 def ties_block(theta_0: np.ndarray, thetas: Sequence[np.ndarray], thresholds: Sequence[float],
-               weights: Sequence[float], by: str, lam: float, out: np.ndarray, work: TiesWork, note=None) -> None:
-    """One block of TIES into ``out``: theta_0 + lam * merged (module docstring); float32 arrays of one length.
-    ``note(i, |tau_i|, [|tau_i| >= t_i])``, if given, sees each expert's magnitudes before they are trimmed."""
-    tmp, flag = work.tmp, work.flag
-    for i, (theta, threshold, trimmed) in enumerate(zip(thetas, thresholds, work.trimmed)):
-        np.subtract(theta, theta_0, out=trimmed)
-        np.abs(trimmed, out=tmp)
-        np.greater_equal(tmp, np.float32(threshold), out=flag)
-        if note is not None:
-            note(i, tmp, flag)
-        np.multiply(trimmed, flag, out=trimmed)
-    gamma = work.total
-    np.multiply(work.trimmed[0], np.float32(weights[0]), out=gamma)
-    for w, trimmed in zip(weights[1:], work.trimmed[1:]):
-        if w != 1.0:
-            np.multiply(trimmed, np.float32(w), out=tmp)
-        np.add(gamma, tmp if w != 1.0 else trimmed, out=gamma)
-    np.greater_equal(gamma, np.float32(0), out=flag)
-    np.multiply(flag, np.float32(2), out=gamma)
-    np.subtract(gamma, np.float32(1), out=gamma)          # +1 where the weighted sum >= 0, else -1
-    numerator, denominator = work.numerator, work.denominator
-    counts = work.counts if by == "count" and len(thetas) < 256 else None     # agreeing experts as uint8
-    for j, (w, trimmed) in enumerate(zip(weights, work.trimmed)):
-        np.multiply(trimmed, gamma, out=tmp)
-        np.maximum(tmp, np.float32(0), out=tmp)              # |trimmed_i| where it agrees with gamma
-        part = tmp if w == 1.0 else np.multiply(tmp, np.float32(w), out=trimmed)
-        np.copyto(numerator, part) if j == 0 else np.add(numerator, part, out=numerator)
-        np.greater(tmp, np.float32(0), out=flag)
-        if counts is not None:
-            agree = flag.view(np.uint8)
-            np.copyto(counts, agree) if j == 0 else np.add(counts, agree, out=counts)
-        else:
-            part = flag if w == 1.0 else np.multiply(flag, np.float32(w), out=tmp)
-            np.copyto(denominator, part) if j == 0 else np.add(denominator, part, out=denominator)
-    if counts is not None:
-        np.maximum(counts, np.uint8(1), out=counts)          # D := 1 where no expert agrees
-        np.copyto(denominator, counts)
-    else:
-        np.equal(denominator, np.float32(0), out=flag)
-        np.add(denominator, flag, out=denominator)
-    np.multiply(numerator, gamma, out=numerator)
-    np.divide(numerator, denominator, out=numerator)
-    if lam != 1.0:
-        np.multiply(numerator, np.float32(lam), out=numerator)
-    np.add(numerator, theta_0, out=out)
+               weights: Sequence[float], by: str, lam: float, out: np.ndarray, work: TiesWork,
+               observe: "Pending | None" = None) -> None:
+    """One block of TIES into ``out``: theta_0 + lam * merged (module docstring); float32 arrays of one length,
+    computed by the compiled kernel :func:`mckit.merge.ties_jit.ties_fused`. ``observe``: a :class:`Pending`
+    whose per-expert counts above the bracket and uncertain positions this piece adds to."""
+    from mckit.merge.ties_jit import ties_fused      # numba takes 0.4 s to import: only where TIES runs
+
+    n = len(thetas)
+    hi, above, uncertain = ((observe.hi, observe.above, observe.uncertain) if observe is not None
+                            else (_NO_HI, np.zeros(n, np.int64), _NO_FLAGS))
+    ties_fused(theta_0, tuple(thetas), np.asarray(thresholds, np.float32), np.asarray(weights, np.float32),
+               by == "count", np.float32(lam), out, tuple(work.trimmed), work.total, work.numerator,
+               work.denominator, hi, above, uncertain)
 
 
 # ------------------------------------------------------------- streamed over a tensor's blocks
@@ -234,21 +204,15 @@ class Pending:
     then each expert), from which each expert's entries inside its bracket are read again."""
 
     def __init__(self, brackets):
-        self.brackets = brackets
-        self.above = [0] * len(brackets)
+        self.hi = np.array([hi for _, hi in brackets], np.float32)
+        self.above = np.zeros(len(brackets), np.int64)
         self.index: list[np.ndarray] = []
         self.inputs: list[np.ndarray] = []
         self.uncertain = np.empty(0, bool)
 
     def begin(self, size: int) -> None:
-        self.uncertain = np.zeros(size, bool)
-
-    def note(self, i: int, magnitudes: np.ndarray, kept: np.ndarray) -> None:
-        """Expert i's |tau_i| in this piece and ``kept`` = [|tau_i| >= lo_i] (its provisional trim)."""
-        above = magnitudes > np.float32(self.brackets[i][1])
-        self.above[i] += int(np.count_nonzero(above))
-        np.logical_xor(kept, above, out=above)            # lo_i <= |tau_i| <= hi_i
-        self.uncertain |= above
+        """A piece of ``size`` entries starts: :func:`ties_block` marks its uncertain positions."""
+        self.uncertain = np.empty(size, bool)
 
     def end(self, theta_0: np.ndarray, thetas: Sequence[np.ndarray], offset: int) -> None:
         """Keep the inputs at this piece's uncertain positions (entries ``offset ..``)."""
@@ -276,7 +240,7 @@ def ties_blocks(reader: BlockReader, base, experts: Sequence, name: str, starts,
             if pending is not None:
                 pending.begin(e - s)
             ties_block(piece[0], piece[1:], thresholds, weights, options["by"], float(options["lam"]), out[s:e],
-                       work.view(e - s), None if pending is None else pending.note)
+                       work.view(e - s), pending)
             if pending is not None:
                 pending.end(piece[0], piece[1:], start + s)
         finite = all_finite(out[:size]) and finite
@@ -315,7 +279,7 @@ def streamed_ties(reader: BlockReader, base, experts: Sequence, name: str, optio
     for i, (lo, hi) in enumerate(brackets):
         magnitudes = np.abs(inputs[1 + i] - inputs[0])
         inside = magnitudes[(magnitudes >= np.float32(lo)) & (magnitudes <= np.float32(hi))]
-        t = threshold_in_bracket(k, sum(p.above[i] for p in pending), [inside])
+        t = threshold_in_bracket(k, int(sum(p.above[i] for p in pending)), [inside])
         exact.append(t if t is not None and lo <= t <= hi else None)
     if None in exact:
         exact = [_whole(base, experts, name, i, k) if t is None else t for i, t in enumerate(exact)]
