@@ -13,10 +13,13 @@ def text_model():
     return shipped.load_text_model()
 
 
-@pytest.mark.parametrize("split", list(SPLITS))
+@pytest.mark.parametrize("split", ["MCUB-4", "MCUB-3-image-audio-video"])
 def test_text_model_seeing_one_name_gains_nothing_beyond_that_entity(text_model, split):
     """Validity guard: the base LM told ONE entity's name does no better than an ideal reasoner who knows
     everything about that entity (no format or position leak), and far worse than when told every name.
+
+    The text items replace every input by its entity's name, so the four MCUB-3 splits differ only in the
+    generator's seed: one of them stands for the others (each takes 10-18 s).
 
     The ideal one-entity reasoner is above chance here (about 0.45; see ``one_entity_oracle``): one entity
     always holds the right value and only sometimes a near miss. 400 items; 0.05 is about two standard errors.
