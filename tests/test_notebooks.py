@@ -24,7 +24,7 @@ INJECTED = {
                 "MASK_LAMBDA": 0.8, "FORGET_MODALITY": "audio", "FORGET_STEPS_SMOKE": 10},
     "05_merging_zoo": {"EXPLORE_METHOD": "ties", "EXPLORE_LAMBDA": 0.5, "RANK_ABLATION": False,
                        "N_MODALITY_SMOKE": 20, "N_MODALITY_VAL_SMOKE": 10},
-    "07_real_mllms": {"METHOD": "ties", "LAMBDA": 0.5, "N": 3, "DTYPE": "float32", "DEVICE": "cpu"},
+    "07_real_mllms": {"METHOD": "damc", "LAMBDA": 0.5, "N": 3, "DTYPE": "float32", "DEVICE": "cpu"},
     "06_mcub": {"DEVICE": "cpu", "N_SMOKE": 12},
 }
 #: Seconds a notebook's default run may take under nbval. Measured on 2 cores with another process busy on one

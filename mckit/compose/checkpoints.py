@@ -14,6 +14,10 @@
 - with ``--method mmer``: ``llm/`` holds the text route's weights and ``mmer.safetensors`` tau* and each
   modality's bit-packed mask (:mod:`mckit.compose.mmer_files`); :func:`load_composed` routes each modality's
   positions through its mask;
+- with ``--method damc`` (decoupled sources: ``SOURCE/adapters/text/`` and ``SOURCE/adapters/MODALITY/``, peft
+  LoRAs over the base's own language model): ``llm/`` holds W0 + sum_i lambda_i dW_i_text and
+  ``damc.safetensors`` the LoRAs' factors (:mod:`mckit.compose.damc_files`); :func:`load_composed` routes each
+  modality's positions through W0 + its own LoRA;
 - ``manifest.json``: the method and its options, the base, every source and the modalities it gives, the text
   config and the position scheme.
 
@@ -30,9 +34,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from mckit.compose.damc_files import (
+    ADAPTERS,
+    DAMC_FILE,
+    check_frozen_w0,
+    damc_options,
+    read_adapter,
+    route_damc,
+    write_damc,
+)
 from mckit.compose.mmer_files import MASK_FILE, mmer_options, route_mmer, write_mmer
 from mckit.merge.checks import MergeError, check_distinct, check_fine_tunes, merged_names, prepare_out
 from mckit.merge.engine import DEFAULT_INCLUDE, merge_views
+from mckit.models.decoupled import TEXT
 from mckit.models.families import (
     ARCHITECTURES,
     FAMILIES,
@@ -96,10 +110,33 @@ def plan_branches(sources: list[tuple[Path, tuple[str, ...] | None]]) -> dict[st
     return out
 
 
+def plan_routed(method: str, options: dict, paths: list[Path], given: dict, views: list) -> dict | None:
+    """The checked options of the routed methods (mmer, damc: one modality per source), with each DAMC source's
+    text and modality adapters read and its language model checked to be the base's; None for the others."""
+    if method not in ("mmer", "damc"):
+        return None
+    several = next((p for p, mods in given.items() if len(mods) != 1), None)
+    if several is not None:
+        raise MergeError(f"{method} takes one modality per source: {several} gives "
+                         f"{', '.join(given[several]) or 'none'}; name one with SOURCE:MODALITY")
+    if method == "mmer":
+        return mmer_options(options, len(paths))
+    merged = merged_names(views[0].names, DEFAULT_INCLUDE)
+    texts, modal = [], {}
+    for path, view in zip(paths, views[1:]):
+        family = family_of(read_config(path), path)
+        for name in dict.fromkeys((merged[0], merged[-1])):
+            check_frozen_w0(views[0], view, name, str(path))
+        texts.append(read_adapter(path / ADAPTERS / TEXT, family))
+        modal[given[path][0]] = read_adapter(path / ADAPTERS / given[path][0], family)
+    return {"options": damc_options(options, len(paths)), "adapters": (texts, modal)}
+
+
 def compose_checkpoints(method: str, base: str | Path, sources: list[str], out: str | Path, *,
                         overwrite: bool = False, progress: bool = True, **options) -> Path:
     """Merge the sources' language models over ``base`` with ``method`` (any registered merging method and its
-    options, or ``"mmer"``: :mod:`mckit.compose.mmer_files`) and copy each source's branches; see the module doc
+    options, ``"mmer"``: :mod:`mckit.compose.mmer_files`, or ``"damc"``: :mod:`mckit.compose.damc_files`) and copy
+    each source's branches; see the module doc
     for the layout. Returns ``out``."""
     out, base = Path(out), Path(base)
     parsed = [parse_source(s) for s in sources]
@@ -111,28 +148,27 @@ def compose_checkpoints(method: str, base: str | Path, sources: list[str], out: 
     check_same_text_base({str(p): read_config(p) for p in (base, *paths)})
     branches = plan_branches(parsed)
     views = [llm_view(p) for p in (base, *paths)]
-    check_fine_tunes(views[0], views[1:], merged_names(views[0].names, DEFAULT_INCLUDE), [str(p) for p in paths])
+    if method != "damc":
+        check_fine_tunes(views[0], views[1:], merged_names(views[0].names, DEFAULT_INCLUDE), [str(p) for p in paths])
     mrope = [v.config() for p, v in zip(paths, views[1:]) if family_of(read_config(p), p).positions == "mrope"]
     text = mrope[0] if mrope else views[0].config()       # a plain Qwen2 base: its sources' 3-D rotary config
     given = {p: [m for m, q in branches.items() if q == p] for p in paths}
-    mmer = mmer_options(options, len(paths)) if method == "mmer" else None
-    if mmer is not None:
-        several = next((p for p, mods in given.items() if len(mods) != 1), None)
-        if several is not None:
-            raise MergeError(f"mmer takes one modality per source: {several} gives {', '.join(given[several])}; "
-                             "name one with SOURCE:MODALITY")
+    routed = plan_routed(method, options, paths, given, views)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         manifest = {"method": method, "options": options, "base": str(base),
                     "sources": [{"path": str(p), "model_type": read_config(p)["model_type"], "modalities": given[p]}
                                 for p in paths],
                     "text_config": text, "positions": "mrope" if mrope else "1d",
                     "branches": {m: f"branches/{m}" for m in branches}}
-        if mmer is None:
-            merge_views(method, views[0], views[1:], tmp / "llm", side_files=False, progress=progress, **options)
-        else:
+        if method == "mmer":
             modalities = tuple(given[p][0] for p in paths)
-            info = write_mmer(views[0], views[1:], modalities, tmp / "llm", tmp / MASK_FILE, mmer, progress)
+            info = write_mmer(views[0], views[1:], modalities, tmp / "llm", tmp / MASK_FILE, routed, progress)
             manifest["mmer"] = {"file": MASK_FILE, "modalities": list(modalities), **info}
+        elif method == "damc":
+            manifest["damc"] = write_damc(views[0], *routed["adapters"], tmp / "llm", tmp / DAMC_FILE,
+                                          routed["options"], progress)
+        else:
+            merge_views(method, views[0], views[1:], tmp / "llm", side_files=False, progress=progress, **options)
         write_llm_files(base, text, tmp / "llm", bool(mrope))
         for mod, path in branches.items():
             write_branch(path, mod, tmp / "branches" / mod)
@@ -190,6 +226,8 @@ def load_composed(folder: str | Path, device_map=None, dtype: torch.dtype | None
     model = real_mllm(llm, tokenizer, branches)
     if "mmer" in manifest:
         route_mmer(model, folder / manifest["mmer"]["file"], manifest["mmer"]["modalities"])
+    if "damc" in manifest:
+        route_damc(model, folder / manifest["damc"]["file"], manifest["damc"]["modalities"])
     return model
 
 

@@ -8,7 +8,9 @@ Example::
 The sources' language models are merged over the base by the streaming engine;
 each source's towers and projectors are copied as branches (``SOURCE:image,video``
 picks them; by default every modality the source gives; ``SOURCE:text`` merges its
-language model and copies no branch). Open the result with
+language model and copies no branch). ``--method damc`` composes decoupled sources: each carries peft LoRA
+adapters ``adapters/text/`` and ``adapters/MODALITY/`` over the base's language model (``--lam``: the text
+LoRAs' coefficients, default 1/N). Open the result with
 ``mckit.compose.checkpoints.load_composed(OUT, device_map="auto", dtype=torch.bfloat16)``.
 Errors print one line to stderr and exit with status 2; nothing is written.
 """
@@ -25,8 +27,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the ``compose`` subcommand."""
     p = subparsers.add_parser("compose", help="compose real MLLMs: merged language model + each source's branches",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", required=True, choices=[*METHODS, "mmer"],
-                   help="merging algorithm for the language model; mmer: TIES + a mask per modality, routed")
+    p.add_argument("--method", required=True, choices=[*METHODS, "mmer", "damc"],
+                   help="merging algorithm for the language model; mmer: TIES + a mask per modality, routed; "
+                        "damc: decoupled sources (SOURCE/adapters/text + SOURCE/adapters/MODALITY), routed")
     p.add_argument("--base", required=True, help="the base language model's folder (or an MLLM built on it)")
     p.add_argument("--sources", required=True, nargs="+",
                    help="source MLLM folders, optionally SOURCE:MOD,MOD (SOURCE:text: its LLM only)")

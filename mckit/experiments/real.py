@@ -83,10 +83,11 @@ def real_mcub(folder: str | Path, mcub_dir: str | Path, split: str, n: int | Non
 def compose(base: str, sources: list[str], method: str, out: str | Path, lam: float | None = None,
             **options) -> Path:
     """:func:`compose_checkpoints` of resolved sources, replacing an earlier output of the kit; ``lam`` is passed
-    to methods that take one (MMER's: the masks' magnitude test, |tau_i| >= lam * 0.5 * |tau*|)."""
+    to methods that take one (MMER's: the masks' magnitude test, |tau_i| >= lam * 0.5 * |tau*|; DAMC's: each text
+    LoRA's coefficient)."""
     from mckit.merge.registry import get
 
-    if lam is not None and (method == "mmer" or get(method).has_lam):
+    if lam is not None and (method in ("mmer", "damc") or get(method).has_lam):
         options["lam"] = lam
     return compose_checkpoints(method, resolve(base), [resolve(s) for s in sources], out, overwrite=True,
                                **options)

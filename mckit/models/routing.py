@@ -160,6 +160,21 @@ class LowRankDelta(nn.Module):
         return self.B @ self.A * self.scale
 
 
+class SumDelta(nn.Module):
+    """x -> sum_k delta_k(x): a route's delta made of several terms (e.g. low-rank products), which several routes
+    may share (one tensor in memory)."""
+
+    def __init__(self, terms):
+        super().__init__()
+        self.terms = nn.ModuleList(terms)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(term(x) for term in self.terms)
+
+    def dense(self) -> torch.Tensor:
+        return sum(term.dense() for term in self.terms)
+
+
 class MaskedDelta(nn.Module):
     """x -> x (m * W)^T; m a 0/1 (or any) mask of W's shape, W (out, in) (e.g. a merged task vector)."""
 

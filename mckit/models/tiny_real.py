@@ -97,10 +97,11 @@ LLAMA_BASED = ("llava", "video_llava", "llava_next_video")
 QWEN25_BASED = ("qwen2_5_vl", "qwen2_5_omni_thinker", "audioflamingo3")
 
 
-def build(kind: str, out: Path, seed: int = 0, base: torch.nn.Module | None = None):
+def build(kind: str, out: Path, seed: int = 0, base: torch.nn.Module | None = None, spread: float = 0.05):
     """Save a tiny random ``kind`` model to ``out`` (its real on-disk layout) and return the model. ``base``: a
-    causal LM of :func:`build_base`; the model's language model is then a fine-tune of it, theta_0 + N(0, (0.05
-    std(theta_0))^2) per tensor (towers and projectors stay random), as the sources of a composition are."""
+    causal LM of :func:`build_base`; the model's language model is then a fine-tune of it, theta_0 + N(0, (spread
+    std(theta_0))^2) per tensor (towers and projectors stay random), as the sources of a composition are;
+    ``spread`` 0: the base's language model itself (a decoupled source, :func:`save_decoupled_adapters`)."""
     from mckit.models.families import family_of, llm_name
 
     torch.manual_seed(seed)
@@ -111,9 +112,33 @@ def build(kind: str, out: Path, seed: int = 0, base: torch.nn.Module | None = No
             for name, param in model.state_dict().items():
                 theta_0 = start.get(llm_name(family, name) or "")
                 if theta_0 is not None and theta_0.shape == param.shape:
-                    param.copy_(theta_0 + 0.05 * float(theta_0.float().std()) * torch.randn_like(theta_0))
+                    param.copy_(theta_0 + spread * float(theta_0.float().std()) * torch.randn_like(theta_0))
     model.save_pretrained(out)
     return model
+
+
+def save_decoupled_adapters(model, out: Path, modality: str, seed: int = 0, rank: int = 4):
+    """Random text and ``modality`` LoRAs on the seven linears of ``model``'s language model (peft, B drawn
+    N(0, 0.02^2) instead of peft's zero start), saved as a decoupled source's ``out/adapters/text/`` and
+    ``out/adapters/{modality}/``; returns the peft model holding both (``model`` is wrapped in place)."""
+    from peft import LoraConfig, get_peft_model
+
+    from mckit.models.families import family_of, llm_name
+    from mckit.models.routing import LINEARS
+
+    family = family_of(model.config.to_dict())
+    targets = [n for n, _ in model.named_modules()
+               if n.rsplit(".", 1)[-1] in LINEARS and llm_name(family, n + ".weight") is not None]
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
+    peft_model = get_peft_model(model, config, adapter_name="text")
+    peft_model.add_adapter(modality, config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0.0, 0.02)
+    peft_model.save_pretrained(Path(out) / "adapters", selected_adapters=["text", modality])
+    return peft_model
 
 
 def word_tokenizer(vocab_size: int = 320):
@@ -156,13 +181,17 @@ def save_whisper_extractor(folder: Path, mel_bins: int = 16, seconds: int = 1) -
     WhisperFeatureExtractor(feature_size=mel_bins, chunk_length=seconds).save_pretrained(folder)
 
 
-def write_demo(root: Path) -> dict:
+def write_demo(root: Path, decoupled: bool = False) -> dict:
     """A base language model and two sources built on it (a LLaVA for images, a Video-LLaVA for videos), tiny and
-    random, with their tokenizer and image processors: ``{"base": path, "sources": ["DIR:image", "DIR:video"]}``."""
+    random, with their tokenizer and image processors: ``{"base": path, "sources": ["DIR:image", "DIR:video"]}``.
+    ``decoupled``: the sources keep the base's language model and carry random text and modality LoRAs (DAMC's
+    sources, :func:`save_decoupled_adapters`)."""
     root = Path(root)
     base = build_base("llava", root / "base")
     for seed, (kind, mod) in enumerate((("llava", "image"), ("video_llava", "video")), start=1):
-        build(kind, root / kind, seed, base)
+        model = build(kind, root / kind, seed, base, spread=0.0 if decoupled else 0.05)
+        if decoupled:
+            save_decoupled_adapters(model, root / kind, mod, seed=seed)
         save_clip_processor(root / kind)
     return {"base": root / "base", "sources": [f"{root / 'llava'}:image", f"{root / 'video_llava'}:video"]}
 

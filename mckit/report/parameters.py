@@ -247,7 +247,7 @@ RULES: dict[str, Callable] = {
     "OUT": _optional_text,
     "BASE": _optional_text,
     "SOURCES": _sources,
-    "METHOD": _choice((*METHODS, "mmer")),
+    "METHOD": _choice((*METHODS, "mmer", "damc")),
     "LAMBDA": _strength,
     "MCUB_DIR": _optional_dir,
     "SPLIT": _choice(REAL_SPLITS),
