@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from mckit.compose.damc import damc_coefficients
 from mckit.merge.checks import MergeError, relative_distance
@@ -37,7 +36,7 @@ from mckit.merge.engine import write_shards
 from mckit.models.decoupled import TEXT
 from mckit.models.families import Family, llm_name
 from mckit.models.routing import LINEARS, LowRankDelta, SumDelta, route_linears
-from mckit.storage.tensorfiles import DTYPES
+from mckit.storage.tensorfiles import DTYPES, ShardWriter
 
 DAMC_FILE = "damc.safetensors"
 ADAPTERS = "adapters"
@@ -48,15 +47,22 @@ _PEFT_NAME = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<fact
 
 @dataclass(frozen=True)
 class Adapter:
-    """One LoRA: ``factors[causal-LM weight name] = (A (r, in), B (out, r))`` and its scale s."""
+    """One LoRA on disk: ``keys[causal-LM weight name] = (key of A (r, in), key of B (out, r))`` in ``file``, their
+    shapes, and its scale s; the factors are read when asked for (one tensor's at a time)."""
 
-    folder: Path
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    file: Path
+    keys: dict[str, tuple[str, str]]
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
     scale: float
 
     @property
     def rank(self) -> int:
-        return max(a.shape[0] for a, _ in self.factors.values())
+        return max(a[0] for a, _ in self.shapes.values())
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of weight ``name``, float32."""
+        with safe_open(str(self.file), "pt") as f:
+            return tuple(f.get_tensor(k).float() for k in self.keys[name])
 
 
 def damc_options(options: dict, n: int) -> dict:
@@ -72,8 +78,9 @@ def damc_options(options: dict, n: int) -> dict:
 
 
 def read_adapter(folder: Path, family: Family) -> Adapter:
-    """The LoRA in peft adapter ``folder`` under the causal-LM names of ``family``'s language model; an adapter
-    that is not a plain LoRA on the seven linears of the language model is an error naming the file and tensor."""
+    """The LoRA in peft adapter ``folder`` under the causal-LM names of ``family``'s language model (its header
+    only); an adapter that is not a plain LoRA on the seven linears of the language model is an error naming the
+    file and tensor."""
     config_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     for f in (config_file, weights):
         if not f.is_file():
@@ -84,7 +91,7 @@ def read_adapter(folder: Path, family: Family) -> Adapter:
         raise MergeError(f"{config_file}: only plain LoRA adapters (one rank and alpha, peft_type LORA) are read")
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-    parts: dict[str, dict[str, torch.Tensor]] = {}
+    parts: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
     with safe_open(str(weights), "pt") as f:
         for key in f.keys():
             match = _PEFT_NAME.match(key)
@@ -92,26 +99,24 @@ def read_adapter(folder: Path, family: Family) -> Adapter:
             if name is None or name.split(".")[-2] not in LINEARS:
                 raise MergeError(f"{weights}: tensor {key} adapts no linear of the language model "
                                  f"({', '.join(LINEARS)})")
-            parts.setdefault(name, {})[match["factor"]] = f.get_tensor(key).float()
-    factors = {}
-    for name, ab in parts.items():
-        if set(ab) != {"A", "B"} or ab["B"].shape[1] != ab["A"].shape[0]:
-            raise MergeError(f"{weights}: {name} needs lora_A (r, in) and lora_B (out, r); got "
-                             f"{ {k: tuple(v.shape) for k, v in ab.items()} }")
-        factors[name] = (ab["A"], ab["B"])
-    if not factors:
+            parts.setdefault(name, {})[match["factor"]] = (key, tuple(f.get_slice(key).get_shape()))
+    if not parts:
         raise MergeError(f"{weights} holds no LoRA tensor")
-    return Adapter(folder, factors, scale)
+    for name, ab in parts.items():
+        if set(ab) != {"A", "B"} or len(ab["A"][1]) != 2 or ab["B"][1] != (ab["B"][1][0], ab["A"][1][0]):
+            raise MergeError(f"{weights}: {name} needs lora_A (r, in) and lora_B (out, r); got "
+                             f"{ {k: v[1] for k, v in ab.items()} }")
+    return Adapter(weights, {n: (ab["A"][0], ab["B"][0]) for n, ab in parts.items()},
+                   {n: (ab["A"][1], ab["B"][1]) for n, ab in parts.items()}, scale)
 
 
 def check_adapters(base, adapters: list[Adapter]) -> None:
     """Every adapted weight is a base tensor of the product's shape (names the adapter and tensor)."""
     for adapter in adapters:
-        for name, (a, b) in adapter.factors.items():
-            if name not in base.names or tuple(base.shape(name)) != (b.shape[0], a.shape[1]):
+        for name, (a, b) in adapter.shapes.items():
+            if name not in base.names or tuple(base.shape(name)) != (b[0], a[1]):
                 shape = tuple(base.shape(name)) if name in base.names else "no such tensor"
-                raise MergeError(f"{adapter.folder}: {name} adapts ({b.shape[0]}, {a.shape[1]}) but the base "
-                                 f"has {shape}")
+                raise MergeError(f"{adapter.file}: {name} adapts ({b[0]}, {a[1]}) but the base has {shape}")
 
 
 def check_frozen_w0(base, view, name: str, label: str) -> None:
@@ -124,53 +129,74 @@ def check_frozen_w0(base, view, name: str, label: str) -> None:
 
 def side_by_side(terms: list[tuple[Adapter, float]], name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     """sum_k c_k s_k B_k A_k as one product: (cat_k A_k, cat_k c_k s_k B_k); None where no term adapts ``name``."""
-    pairs = [(ad.factors[name], c * ad.scale) for ad, c in terms if name in ad.factors]
+    pairs = [(ad.factors(name), c * ad.scale) for ad, c in terms if name in ad.keys]
     if not pairs:
         return None
     return torch.cat([a for (a, _), _ in pairs]), torch.cat([c * b for (_, b), c in pairs], dim=1)
 
 
+def _factor_entries(texts: list[Adapter], modal: dict[str, Adapter]) -> list[tuple[str, tuple[int, ...], str]]:
+    """The factor file's tensors (float32): the text factors side by side, then each modality's."""
+    entries = []
+    for name in sorted({n for ad in texts for n in ad.keys}):
+        shapes = [ad.shapes[name] for ad in texts if name in ad.keys]
+        rank = sum(a[0] for a, _ in shapes)
+        entries += [(f"{TEXT}.A.{name}", (rank, shapes[0][0][1]), "F32"),
+                    (f"{TEXT}.B.{name}", (shapes[0][1][0], rank), "F32")]
+    for mod, ad in modal.items():
+        for name, (a, b) in sorted(ad.shapes.items()):
+            entries += [(f"{mod}.A.{name}", a, "F32"), (f"{mod}.B.{name}", b, "F32")]
+    return entries
+
+
 @dataclass
 class _DAMCRun:
-    """The text route's language model written tensor by tensor: W_text = W0 + B_text A_text."""
+    """The text route's language model written tensor by tensor (W_text = W0 + B_text A_text), the factors
+    beside it."""
 
     base: object
-    text: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    texts: list[Adapter]
+    lams: list[float]
+    modal: dict[str, Adapter]
+    factors: ShardWriter
     method: str = "damc"
     reader: object = None
 
     def input_files(self) -> list[Path]:
         return []
 
-    def write_tensor(self, writer, name: str, code: str) -> None:
+    def write_tensor(self, writer: ShardWriter, name: str, code: str) -> None:
         theta = self.base.array(name)
-        if name in self.text:
-            a, b = self.text[name]
+        text = side_by_side(list(zip(self.texts, self.lams)), name)
+        if text is not None:
+            a, b = text
+            self.factors.write(f"{TEXT}.A.{name}", a.numpy())
+            self.factors.write(f"{TEXT}.B.{name}", b.numpy())
             out = torch.from_numpy(np.asarray(theta, np.float32)) + b @ a
             if not torch.isfinite(out).all():
                 raise MergeError(f"tensor {name}: W0 + the text deltas holds NaN or Inf (check the adapters)")
             theta = out.numpy().astype(DTYPES[code], copy=False)
         writer.write(name, theta)
+        for mod, adapter in self.modal.items():
+            if name in adapter.keys:
+                a, b = side_by_side([(adapter, 1.0)], name)
+                self.factors.write(f"{mod}.A.{name}", a.numpy())
+                self.factors.write(f"{mod}.B.{name}", b.numpy())
 
 
 def write_damc(base, texts: list[Adapter], modal: dict[str, Adapter], folder: Path, damc_file: Path,
                options: dict, progress: bool = True) -> dict:
     """Write ``folder`` (W_text) and ``damc_file`` (the factors) from the base's renamed view, each source's text
-    adapter and ``{modality: adapter}``; returns the manifest's ``damc`` entry."""
+    adapter and ``{modality: adapter}``, one tensor in memory at a time; returns the manifest's ``damc`` entry."""
     check_adapters(base, [*texts, *modal.values()])
-    lams = options["lam"]
-    names = sorted({n for ad in (*texts, *modal.values()) for n in ad.factors})
-    text = {n: f for n in names if (f := side_by_side(list(zip(texts, lams)), n)) is not None}
-    tensors = {}
-    for name, (a, b) in text.items():
-        tensors[f"{TEXT}.A.{name}"], tensors[f"{TEXT}.B.{name}"] = a, b
-    for mod, adapter in modal.items():
-        for name in adapter.factors:
-            tensors[f"{mod}.A.{name}"], tensors[f"{mod}.B.{name}"] = side_by_side([(adapter, 1.0)], name)
     folder.mkdir(parents=True)
-    write_shards(_DAMCRun(base, text), folder, 2 * 1024**3, progress)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(damc_file), metadata={"format": "pt"})
-    return {"file": damc_file.name, "modalities": list(modal), "lam": lams,
+    factors = ShardWriter(damc_file, _factor_entries(texts, modal))
+    try:
+        write_shards(_DAMCRun(base, texts, options["lam"], modal, factors), folder, 2 * 1024**3, progress)
+    finally:
+        factors.close(check=False)
+    factors.close()
+    return {"file": damc_file.name, "modalities": list(modal), "lam": options["lam"],
             "rank": {TEXT: [t.rank for t in texts], **{m: ad.rank for m, ad in modal.items()}}}
 
 
