@@ -136,8 +136,7 @@ def compose_checkpoints(method: str, base: str | Path, sources: list[str], out: 
                         overwrite: bool = False, progress: bool = True, **options) -> Path:
     """Merge the sources' language models over ``base`` with ``method`` (any registered merging method and its
     options, ``"mmer"``: :mod:`mckit.compose.mmer_files`, or ``"damc"``: :mod:`mckit.compose.damc_files`) and copy
-    each source's branches; see the module doc
-    for the layout. Returns ``out``."""
+    each source's branches; see the module doc for the layout. Returns ``out``."""
     out, base = Path(out), Path(base)
     parsed = [parse_source(s) for s in sources]
     if not parsed:
