@@ -28,3 +28,18 @@ def evaluate_twice(folder, root):
     batched = evaluate_real(model, items, preprocess, batch_size=3, max_new_tokens=3, progress=False)
     alone = evaluate_real(model, items, preprocess, batch_size=1, max_new_tokens=3, progress=False)
     return items, batched, alone
+
+
+def routed_and_plain(model):
+    """Logits of one seeded image prompt through the composed ``model``, routed and with every route off (the
+    language model's shared weights alone): ``(routed, plain)``."""
+    import torch
+
+    torch.manual_seed(0)
+    x = torch.randn(1, *model.branches["image"].input_shape)
+    batch = model.batch(["w5 <image> w9"], [{"image": [x[0]]}])
+    with torch.no_grad():
+        routed = model(batch).logits
+        with model.route_state.active(None):
+            plain = model.llm(inputs_embeds=model.embed(batch), attention_mask=batch.attention_mask).logits
+    return routed, plain

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from _real_checkpoints import build, build_base
+from _real_checkpoints import build, build_base, routed_and_plain
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -103,14 +103,7 @@ def test_one_source_alone_gives_its_native_peft_model_back(llama, tmp_path, same
 
 
 def test_image_positions_run_their_own_route(llama):
-    model = load_composed(llama["out"])
-    torch.manual_seed(0)
-    x = torch.randn(1, *model.branches["image"].input_shape)
-    batch = model.batch(["w5 <image> w9"], [{"image": [x[0]]}])
-    with torch.no_grad():
-        routed = model(batch).logits
-        with model.route_state.active(None):
-            plain = model.llm(inputs_embeds=model.embed(batch), attention_mask=batch.attention_mask).logits
+    routed, plain = routed_and_plain(load_composed(llama["out"]))
     assert not torch.allclose(routed, plain, atol=1e-4)
 
 

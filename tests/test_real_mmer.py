@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from _real_checkpoints import build, build_base, word_tokenizer
+from _real_checkpoints import build, build_base, routed_and_plain, word_tokenizer
 from safetensors import safe_open
 
 from mckit.__main__ import main
@@ -66,13 +66,7 @@ def test_the_llm_holds_the_text_route_and_each_modality_routes_through_its_mask(
         for mod in ("image", "video"):
             delta = layer.deltas[str(model.route_ids[mod])].weight()
             assert torch.allclose(layer.weight + delta, base[name] + want.masks[mod][name] * tau, atol=1e-6)
-    torch.manual_seed(0)
-    x = torch.randn(1, *model.branches["image"].input_shape)
-    batch = model.batch(["w5 <image> w9"], [{"image": [x[0]]}])
-    with torch.no_grad():
-        routed_logits = model(batch).logits
-        with model.route_state.active(None):
-            plain = model.llm(inputs_embeds=model.embed(batch), attention_mask=batch.attention_mask).logits
+    routed_logits, plain = routed_and_plain(model)
     assert not torch.allclose(routed_logits, plain, atol=1e-4)      # the image positions ran their own weights
 
 
