@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: reproduce test lab world seeds decoupled experts mcub cache
+.PHONY: reproduce test lab world seeds decoupled experts world-experts mcub cache
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ decoupled: $(STAMP)
 # The capability experts of the merging benchmark under data/experts (31 min on one core with the other busy).
 experts: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m mckit build-experts --out data/experts --overwrite
+
+# The world and the experts together: the experts train in a second process once the world's base LM exists
+# (the same weights as `make world experts`; each process on one thread).
+world-experts: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m mckit build-all --world data/world --experts data/experts --overwrite
 
 # The MCUB files under data/mcub (seconds).
 mcub: $(STAMP)

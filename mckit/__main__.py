@@ -1,5 +1,5 @@
-"""Command line: ``python -m mckit SUBCOMMAND ...`` (build-world, build-seeds, build-mcub, build-experts, build-cache,
-reproduce, merge, compose).
+"""Command line: ``python -m mckit SUBCOMMAND ...`` (build-world, build-seeds, build-mcub, build-experts,
+build-all, build-cache, reproduce, merge, compose).
 
 Each subcommand lives in a module that exposes a function (``add_parser`` unless
 named after a colon) registering the subcommand with ``func=`` set to the
@@ -16,8 +16,8 @@ import sys
 
 SUBCOMMANDS = {"build-world": "mckit.build.world", "build-seeds": "mckit.build.world:add_replicas_parser",
                "build-mcub": "mckit.eval.mcub", "build-experts": "mckit.build.experts",
-               "build-cache": "mckit.build.cache", "reproduce": "mckit.report.reproduce",
-               "merge": "mckit.merge.cli", "compose": "mckit.compose.cli"}
+               "build-all": "mckit.build.together", "build-cache": "mckit.build.cache",
+               "reproduce": "mckit.report.reproduce", "merge": "mckit.merge.cli", "compose": "mckit.compose.cli"}
 
 
 def main(argv: list[str] | None = None) -> int:

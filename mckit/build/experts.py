@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from mckit.build.staging import load_branch, load_stage, run_stage
 from mckit.eval.capabilities import capability_answers, capability_batch, eval_items, evaluate_capabilities
 from mckit.models.batch import Batch
-from mckit.models.checkpoints import save_mllm
+from mckit.models.checkpoints import load_llm, load_tokenizer_dir, save_mllm
 from mckit.models.encoders import ENC_DIM, ENC_TOKENS
 from mckit.models.lora import is_lora
 from mckit.models.mllm import MLLM, toy_branch
@@ -216,25 +216,50 @@ def replay_pool(world: World, n: int, seed: int, base: MLLM | None = None) -> di
 
 # --------------------------------------------------------------------------- build
 
-def build_experts(out: str | Path, world_dir: str | Path | None = None, config: ExpertsConfig | None = None,
-                  overwrite: bool = False) -> dict:
+@dataclass
+class WorldParts:
+    """What the experts take from a toy world: its entities, tokenizer and base LM (read into memory), the
+    fingerprint of those two folders (the key of a resumable build) and the world's folder name."""
+
+    world: World
+    tokenizer: object
+    base_llm: nn.Module
+    fingerprint: str
+    name: str
+
+    @classmethod
+    def read(cls, world: World, tokenizer_dir: Path, base_dir: Path, name: str) -> WorldParts:
+        """The parts from a tokenizer and a base LM folder: a built world's, or a world build's finished stages."""
+        fingerprint = "+".join(tree_fingerprint(d) for d in (tokenizer_dir, base_dir))
+        return cls(world, load_tokenizer_dir(tokenizer_dir), load_llm(base_dir), fingerprint, name)
+
+    @classmethod
+    def of(cls, world_dir: str | Path | None = None) -> WorldParts:
+        """The parts of a built world (default ``data/world``)."""
+        from mckit.models.shipped import default_world_dir, load_world
+
+        world_dir = Path(world_dir) if world_dir is not None else default_world_dir()
+        return cls.read(load_world(world_dir), world_dir / "tokenizer", world_dir / "base", world_dir.name)
+
+
+def build_experts(out: str | Path, world_dir: str | Path | WorldParts | None = None,
+                  config: ExpertsConfig | None = None, overwrite: bool = False) -> dict:
     """Train the base MLLM, the five experts and the multi-task model in both regimes; write them atomically.
 
+    ``world_dir``: the toy world they build on (default ``data/world``), or its :class:`WorldParts`.
     Resumable: every finished stage (the encoder, the base, each model) is kept in ``.{out}.stages``
     beside ``out`` (:class:`mckit.storage.stages.Stages`); rerun after an interruption, the build
     reuses them and restores torch's random state where each left it, so the result is the one an
     uninterrupted build gives.
     """
-    from mckit.models.shipped import default_world_dir, load_base, load_tokenizer, load_world
-
     cfg = config or ExpertsConfig()
     out = Path(out)
     check_replaceable(out, overwrite)                 # refuse before training, not after
-    world_dir = Path(world_dir) if world_dir is not None else default_world_dir()
-    world, base_llm, tokenizer = load_world(world_dir), load_base(world_dir), load_tokenizer(world_dir)
+    parts = world_dir if isinstance(world_dir, WorldParts) else WorldParts.of(world_dir)
+    world, base_llm, tokenizer = parts.world, parts.base_llm, parts.tokenizer
     test = eval_items(world, "test", cfg.eval_items, cfg.seed)
-    stages = Stages(out, {"config": asdict(cfg), "world": tree_fingerprint(world_dir)})
-    record: dict = {"seed": cfg.seed, "config": asdict(cfg), "world": world_dir.name, "chance": CHANCE,
+    stages = Stages(out, {"config": asdict(cfg), "world": parts.fingerprint})
+    record: dict = {"seed": cfg.seed, "config": asdict(cfg), "world": parts.name, "chance": CHANCE,
                     "seconds": {}, "models": {}}
     torch.manual_seed(cfg.seed)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -82,12 +83,15 @@ class BuildConfig(Presets):
                                  stage2_steps=30, eval_items=40, modalities=("image", "audio"))
 
 
-def build_world(out: str | Path, config: BuildConfig | None = None, overwrite: bool = False) -> dict:
+def build_world(out: str | Path, config: BuildConfig | None = None, overwrite: bool = False,
+                after_base: Callable[[World, Path, Path], None] | None = None) -> dict:
     """Train everything and write it to ``out`` atomically. Returns the ``world.json`` record.
 
     Resumable: every finished stage (tokenizer, base LM, each encoder, each MLLM) is kept in
     ``.{out}.stages`` beside ``out`` (:class:`mckit.storage.stages.Stages`); rerun after an
     interruption, the build reuses them and restores torch's random state where each left it.
+    ``after_base(world, tokenizer_dir, base_dir)`` is called once the base LM exists, before the
+    modalities' stages (what builds on the base alone can start then, e.g. the capability experts).
     """
     cfg = config or BuildConfig()
     out = Path(out)
@@ -114,6 +118,9 @@ def build_world(out: str | Path, config: BuildConfig | None = None, overwrite: b
                 "binding": evaluate_binding(base, world, cfg.eval_items, cfg.seed)}
 
     run_stage(stages, "base", base_stage, record, label="text_pretraining")
+    if after_base is not None:
+        with torch.random.fork_rng():
+            after_base(world, stages.path("tokenizer"), stages.path("base"))
     with torch.random.fork_rng():
         base_llm = load_llm(stages.path("base"))
     names = ["tokenizer", "base"]
