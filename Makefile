@@ -42,7 +42,7 @@ experts: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m mckit build-experts --out data/experts --overwrite
 
 # The world and the experts together: the experts train in a second process once the world's base LM exists
-# (the same weights as `make world experts`; each process on one thread).
+# (each process on one thread: the weights `make world experts` writes on one thread; 74 min on a slow day).
 world-experts: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m mckit build-all --world data/world --experts data/experts --overwrite
 
